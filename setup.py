@@ -1,0 +1,40 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="vqd_scale",
+    version="0.1.0",
+    description="VQ-Diffusion and Shifted Diffusion (Corgi) training at LAION scale on SLURM",
+    python_requires=">=3.11",
+    packages=find_packages(include=["vqd_scale", "vqd_scale.*"]),
+    package_data={"vqd_scale": ["assets/*"]},
+    install_requires=[
+        "torch==2.13.0",
+        "deepspeed>=0.19",
+        "webdataset>=1.0",
+        "braceexpand",
+        "transformers",
+        "open_clip_torch>=3.0",
+        "diffusers>=0.30",
+        "submitit",
+        "wandb",
+        "omegaconf>=2.3",
+        "safetensors",
+        "numpy",
+        "scipy",
+        "scikit-learn",
+        "pillow",
+        "pyyaml",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={"test": ["pytest", "pytest-timeout"]},
+    entry_points={
+        "console_scripts": [
+            "vqd-train=vqd_scale.cli.train:main",
+            "vqd-extract=vqd_scale.cli.extract:main",
+            "vqd-eval=vqd_scale.cli.eval:main",
+            "vqd-sample=vqd_scale.cli.sample:main",
+            "vqd-export=vqd_scale.cli.export:main",
+        ]
+    },
+)

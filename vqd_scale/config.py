@@ -1,0 +1,283 @@
+"""Typed configs: one dataclass per component, YAML files, dotted CLI overrides, validation.
+
+Parsing and merging is OmegaConf's (structured configs type-check every key and name it in the
+error); `validate()` adds the value checks OmegaConf cannot express. Components receive only
+their own dataclass, never the whole `RunConfig`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key and says what to fix."""
+
+
+@dataclass
+class TextEncoderConfig:
+    """Frozen open_clip text tower: a registered model name, or `tiny` for tests/demo."""
+    model: str = "ViT-B-32"
+    pretrained: Optional[str] = None  # local weights file / directory; never a hub tag
+    context_length: int = 77
+    # Used only when model == "tiny" (random init, tests and the CPU demo).
+    tiny_width: int = 64
+    tiny_layers: int = 2
+    tiny_heads: int = 2
+    tiny_embed_dim: int = 32
+
+
+@dataclass
+class TransformerConfig:
+    """VQ-Diffusion AdaLN transformer; `size` picks a registry entry, explicit fields override it."""
+    size: str = "debug"
+    num_classes: int = 0  # K, non-mask codes; 0 = take it from the data manifest
+    height: int = 32
+    width: int = 32
+    context_dim: int = 512  # per-token text feature width (the text tower's width)
+    context_len: int = 77
+    num_timesteps: int = 100
+    layers: Optional[int] = None
+    dim: Optional[int] = None
+    heads: Optional[int] = None
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class DiscreteDiffusionConfig:
+    """Mask-and-replace schedule (`released` or `paper` preset, or explicit endpoints) and loss."""
+    preset: str = "released"
+    num_timesteps: int = 100
+    alpha_cum_start: Optional[float] = None
+    alpha_cum_end: Optional[float] = None
+    gamma_cum_start: Optional[float] = None
+    gamma_cum_end: Optional[float] = None
+    aux_weight: float = 5e-4  # λ of the auxiliary x0 loss (weighted by 2 − t/T)
+    importance_sampling: bool = True
+    importance_min_count: int = 10
+    importance_ema: float = 0.9  # weight kept on history when updating EMA(L_t^2)
+    caption_dropout: float = 0.1  # fraction of captions replaced by the learned null embedding
+
+
+@dataclass
+class SamplerConfig:
+    """How to generate: steps (stride = T // steps), guidance, truncation, purity."""
+    steps: int = 100
+    guidance_scale: float = 1.0
+    truncation_rate: float = 1.0
+    purity: bool = False
+    purity_temperature: float = 0.0  # r in softmax((1 + r·purity)·log p̃)
+    batch_size: int = 8
+
+
+@dataclass
+class PriorConfig:
+    """Shifted-diffusion prior transformer (Corgi)."""
+    size: str = "debug"
+    embed_dim: int = 32  # CLIP image/text embedding width
+    context_dim: int = 64
+    context_len: int = 77
+    layers: Optional[int] = None
+    dim: Optional[int] = None
+    heads: Optional[int] = None
+    num_components: int = 1
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class ShiftedDiffusionConfig:
+    """Shifted Gaussian diffusion: linear β, mixture start N(μ_c, (κσ_c)²)."""
+    num_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    kappa: float = 5.0
+    shifted: bool = True  # False = plain DDPM (μ = 0, Σ = I), the ablation baseline
+    clusters: Optional[str] = None  # .safetensors written by tools/fit_prior_clusters.py
+    learnable_mixture: bool = False
+    mixture_lr_scale: float = 0.01
+    p2_weighting: bool = True
+    clamp_x0: bool = False
+    text_dropout: float = 0.1
+    sample_steps: int = 64
+
+
+@dataclass
+class SourceConfig:
+    """One token-shard source, e.g. laion or cc15m, mixed by weight."""
+    name: str = "synthetic"
+    shards: str = ""  # braceexpand pattern of token shards
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    """Streaming token-shard loader."""
+    sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
+    manifest: Optional[str] = None  # token manifest; its tokenizer id must match `tokenizer_id`
+    tokenizer_id: Optional[str] = None
+    batch_size: int = 8  # per rank, per micro-step
+    num_workers: int = 2
+    resampled: bool = True
+    epoch_samples: int = 10000  # samples per virtual epoch, over all ranks
+    with_embeddings: bool = False
+    shuffle_buffer: int = 1000
+    seed: int = 0
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with warm-up and decay defined in samples seen (independent of GPU count)."""
+    lr: float = 4.5e-4
+    betas: tuple[float, float] = (0.9, 0.96)
+    eps: float = 1e-8
+    weight_decay: float = 4.5e-2
+    grad_clip: float = 0.5
+    warmup_samples: int = 1000
+    decay: str = "cosine"  # cosine | constant | linear
+    min_lr_ratio: float = 0.1
+    ema_decay: float = 0.99
+    ema_every: int = 25
+
+
+@dataclass
+class DeepSpeedConfig:
+    """ZeRO stage and precision; bf16 only takes effect on GPU."""
+    zero_stage: int = 2
+    precision: str = "auto"  # auto = bf16 on GPU, fp32 on CPU | fp32 | bf16
+    grad_accum: int = 1
+    offload_optimizer: bool = False
+
+
+@dataclass
+class CheckpointConfig:
+    """Periodic and on-signal checkpoints, retention, resume."""
+    every_steps: int = 500
+    every_minutes: float = 30.0
+    keep_last: int = 3
+    milestone_every: int = 0  # 0 = no milestones
+    resume: str = "auto"  # auto | none | a checkpoint path
+    init_from: Optional[str] = None  # weights only (consolidated safetensors / imported)
+
+
+@dataclass
+class EvalConfig:
+    """Separately scheduled evaluation of each new complete checkpoint."""
+    shards: str = ""  # held-out token shards
+    num_samples: int = 64
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    feature_extractor: str = "clip"  # clip | inception
+    feature_weights: Optional[str] = None
+    prior_steps: list[int] = field(default_factory=lambda: [8, 64])
+    poll_seconds: float = 30.0
+
+
+@dataclass
+class LoggingConfig:
+    """wandb (offline unless configured), JSONL metrics, console line."""
+    every_steps: int = 10
+    wandb_project: str = "vqd_scale"
+    wandb_mode: str = "offline"  # offline | online | disabled
+    wandb_entity: Optional[str] = None
+
+
+@dataclass
+class RunConfig:
+    """Everything one run needs; each component still gets only its own section."""
+    task: str = "vqd"  # vqd | prior
+    run_dir: str = "runs/tiny"
+    seed: int = 0
+    max_samples: int = 100000
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    model: TransformerConfig = field(default_factory=TransformerConfig)
+    diffusion: DiscreteDiffusionConfig = field(default_factory=DiscreteDiffusionConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    shifted: ShiftedDiffusionConfig = field(default_factory=ShiftedDiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}': {msg}")
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Refuse values that cannot work, naming the key; returns cfg for chaining."""
+    from vqd_scale.diffusion.presets import SCHEDULE_PRESETS  # local: keep config import-light
+
+    _check(cfg.task in ("vqd", "prior"), "task", f"got {cfg.task!r}; use 'vqd' or 'prior'")
+    _check(cfg.max_samples > 0, "max_samples", "must be > 0")
+    d = cfg.diffusion
+    _check(d.preset in (*SCHEDULE_PRESETS, "custom"), "diffusion.preset",
+           f"got {d.preset!r}; use one of {sorted(SCHEDULE_PRESETS)} or 'custom' with all four endpoints")
+    for k in ("alpha_cum_start", "alpha_cum_end", "gamma_cum_start", "gamma_cum_end"):
+        v = getattr(d, k)
+        _check(v is None or 0.0 <= v <= 1.0, f"diffusion.{k}", f"got {v}; must be in [0, 1]")
+    _check(0.0 <= d.caption_dropout < 1.0, "diffusion.caption_dropout", "must be in [0, 1)")
+    _check(d.num_timesteps >= 2, "diffusion.num_timesteps", "must be >= 2")
+    _check(cfg.model.num_timesteps == d.num_timesteps, "model.num_timesteps",
+           f"must equal diffusion.num_timesteps ({d.num_timesteps})")
+    _check(cfg.data.batch_size > 0, "data.batch_size", "must be > 0")
+    _check(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _check(cfg.data.epoch_samples > 0, "data.epoch_samples", "must be > 0")
+    _check(all(s.weight > 0 for s in cfg.data.sources), "data.sources[].weight", "weights must be > 0")
+    _check(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage",
+           f"got {cfg.deepspeed.zero_stage}; use 0, 1, 2 or 3")
+    _check(cfg.deepspeed.precision in ("auto", "fp32", "bf16"), "deepspeed.precision",
+           f"got {cfg.deepspeed.precision!r}; use auto, fp32 or bf16")
+    _check(cfg.deepspeed.grad_accum >= 1, "deepspeed.grad_accum", "must be >= 1")
+    o = cfg.optim
+    _check(o.lr > 0, "optim.lr", f"got {o.lr}; must be > 0")
+    _check(all(0.0 <= b < 1.0 for b in o.betas), "optim.betas", "each beta must be in [0, 1)")
+    _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    _check(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
+    _check(o.decay in ("cosine", "constant", "linear"), "optim.decay", "use cosine, constant or linear")
+    _check(0.0 <= o.ema_decay < 1.0, "optim.ema_decay", "must be in [0, 1)")
+    _check(o.ema_every >= 1, "optim.ema_every", "must be >= 1")
+    _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+    _check(cfg.checkpoint.every_steps >= 1, "checkpoint.every_steps", "must be >= 1")
+    _check(cfg.logging.wandb_mode in ("offline", "online", "disabled"), "logging.wandb_mode",
+           "use offline, online or disabled")
+    s = cfg.shifted
+    _check(0.0 < s.beta_start < s.beta_end < 1.0, "shifted.beta_start", "need 0 < beta_start < beta_end < 1")
+    _check(s.kappa > 0, "shifted.kappa", "must be > 0")
+    _check(cfg.eval.sampler.steps >= 1, "eval.sampler.steps", "must be >= 1")
+    _check(0.0 < cfg.eval.sampler.truncation_rate <= 1.0, "eval.sampler.truncation_rate", "must be in (0, 1]")
+    return cfg
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> RunConfig:
+    """YAML file (optional) + dotted overrides (`optim.lr=1e-4`) → validated RunConfig."""
+    base = OmegaConf.structured(RunConfig)
+    layers = [base]
+    try:
+        if path is not None:
+            layers.append(OmegaConf.load(str(path)))
+        if overrides:
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:  # unknown key, wrong type: OmegaConf names the key
+        raise ConfigError(f"bad config ({path or 'defaults'}): {e}") from None
+    return validate(cfg)
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain dict (for JSON/YAML dumps and checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the fully resolved config as YAML."""
+    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
