@@ -1,0 +1,139 @@
+"""Distributed environment: rank/world from SLURM or torchrun (or one plain process), process group, collectives.
+
+The same entry point runs as a plain process, under `torchrun` and under `srun`. SLURM variables win
+when `SLURM_PROCID` is set *and* torchrun's are not, because `srun python -m torch.distributed.run`
+sets both and torchrun's are then the truth for its children.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_PORT = 29500
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits: global rank, rank on its node, world size, rendezvous address."""
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = DEFAULT_PORT
+    launcher: str = "single"  # single | torchrun | slurm
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM nodelist (`node[1-4]` → `node1`) via `scontrol show hostnames`."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                             text=True, timeout=30, check=True).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    if "[" not in nodelist:  # a single plain host name needs no scontrol
+        return nodelist.split(",")[0]
+    raise RuntimeError(f"cannot expand SLURM nodelist {nodelist!r}: `scontrol show hostnames` failed; "
+                       "set MASTER_ADDR to the first node's host name")
+
+
+def _int(env: Mapping[str, str], key: str) -> int:
+    try:
+        return int(env[key])
+    except ValueError:
+        raise ValueError(f"environment variable {key}={env[key]!r} is not an integer") from None
+
+
+def detect_env(env: Optional[Mapping[str, str]] = None) -> DistEnv:
+    """Read rank / local rank / world size and the rendezvous address from the environment."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world, local = _int(env, "RANK"), _int(env, "WORLD_SIZE"), _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0
+        launcher = "torchrun"
+        addr = env.get("MASTER_ADDR", "127.0.0.1")
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        rank, world = _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS")
+        local = _int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0
+        launcher = "slurm"
+        addr = env.get("MASTER_ADDR") or (
+            _first_slurm_host(env["SLURM_JOB_NODELIST"]) if env.get("SLURM_JOB_NODELIST") else "127.0.0.1")
+    else:
+        return DistEnv()
+    # A fixed per-job port lets several jobs share a node (SLURM) without colliding.
+    default_port = DEFAULT_PORT + (int(env["SLURM_JOB_ID"]) % 10000 if env.get("SLURM_JOB_ID", "").isdigit() else 0)
+    port = int(env.get("MASTER_PORT", default_port))
+    if not (0 <= rank < world):
+        raise ValueError(f"rank {rank} is outside world size {world}; check the launcher's environment")
+    return DistEnv(rank, local, world, addr, port, launcher)
+
+
+def device_for(env: DistEnv) -> torch.device:
+    """This rank's device: its local GPU when CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_distributed(env: DistEnv) -> None:
+    """Start the process group (NCCL on GPU, gloo on CPU) through DeepSpeed, also for one process."""
+    import deepspeed
+
+    # torch.distributed's env:// rendezvous reads these; export what we derived (e.g. from SLURM).
+    os.environ.update(RANK=str(env.rank), LOCAL_RANK=str(env.local_rank), WORLD_SIZE=str(env.world_size),
+                      MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                                   rank=env.rank, world_size=env.world_size, verbose=False)
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate a same-shaped tensor from every rank along dim 0 (rank order)."""
+    if world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, 0)
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if it is true on any rank (so all ranks agree to save/stop)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    if world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Average a tensor over ranks (for logging)."""
+    if world_size() == 1:
+        return x
+    x = x.clone()
+    dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x / world_size()
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def shutdown() -> None:
+    """Destroy the process group if one was started."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

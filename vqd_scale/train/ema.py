@@ -1,0 +1,98 @@
+"""EMA of the trainable weights that works under every ZeRO stage.
+
+Design: rank 0 alone keeps a full fp32 copy (4Ψ bytes on one rank; the other ranks keep nothing),
+updated every `ema_every` steps (the official recipe: decay 0.99 every 25 iterations). Under ZeRO-3
+each rank only holds a shard, so the update gathers the full parameters with
+`deepspeed.zero.GatheredParameters` — a collective, hence every rank calls `update` — one chunk of
+parameters at a time so the gather never materialises much more than `chunk_numel` extra elements.
+Under ZeRO 0–2 every rank already holds full parameters and no communication happens. Sharding the
+EMA like ZeRO-3 shards the weights would save 4Ψ on rank 0 but needs a consolidation pass for every
+`ema.safetensors`; a full copy on rank 0 writes it directly.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+
+def _is_zero3(p: nn.Parameter) -> bool:
+    return hasattr(p, "ds_id")  # DeepSpeed ZeRO-3 tags partitioned parameters
+
+
+def gathered_chunks(module: nn.Module, chunk_numel: int = 50_000_000) -> Iterator[list[tuple[str, nn.Parameter]]]:
+    """Yield (name, full param) lists; under ZeRO-3 each list is gathered for the duration of its turn."""
+    named = [(n, p) for n, p in module.named_parameters()]
+    chunk: list[tuple[str, nn.Parameter]] = []
+    size = 0
+    for item in named + [None]:  # None flushes the last chunk
+        if item is not None:
+            n, p = item
+            chunk.append(item)
+            size += p.ds_numel if _is_zero3(p) else p.numel()
+        if chunk and (item is None or size >= chunk_numel):
+            params = [p for _, p in chunk]
+            if any(_is_zero3(p) for p in params):
+                import deepspeed
+                ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+            else:
+                ctx = contextlib.nullcontext()
+            with ctx:
+                yield chunk
+            chunk, size = [], 0
+
+
+class EMA:
+    """fp32 exponential moving average of a module's parameters, held on rank 0."""
+
+    def __init__(self, decay: float, every: int, keep: bool):
+        self.decay = decay
+        self.every = every
+        self.keep = keep  # False on ranks other than 0: they only take part in the gathers
+        self.shadow: Optional[dict[str, torch.Tensor]] = None
+        self.updates = 0
+
+    @torch.no_grad()
+    def init_from(self, module: nn.Module) -> None:
+        """Start the average at the current weights (collective under ZeRO-3)."""
+        shadow = {}
+        for chunk in gathered_chunks(module):
+            if self.keep:
+                shadow.update({n: p.detach().float().clone() for n, p in chunk})
+        self.shadow = shadow if self.keep else None
+
+    @torch.no_grad()
+    def maybe_update(self, module: nn.Module, step: int) -> bool:
+        """Fold the weights in when `step % every == 0`; every rank must call this (ZeRO-3 gathers)."""
+        if step % self.every != 0:
+            return False
+        for chunk in gathered_chunks(module):
+            if self.keep:
+                for n, p in chunk:
+                    self.shadow[n].lerp_(p.detach().float(), 1.0 - self.decay)  # s ← d·s + (1−d)·p
+        self.updates += 1
+        return True
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The averaged weights (CPU fp32), rank 0 only."""
+        if not self.keep or self.shadow is None:
+            raise RuntimeError("EMA weights live on rank 0 only")
+        return {n: t.detach().cpu().contiguous() for n, t in self.shadow.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], device: torch.device) -> None:
+        """Restore averaged weights; names and shapes must match the module's."""
+        if not self.keep:
+            return
+        if self.shadow is not None:
+            missing = set(self.shadow) - set(state)
+            extra = set(state) - set(self.shadow)
+            if missing or extra:
+                raise ValueError(f"EMA state does not match the model: missing {sorted(missing)[:3]}, "
+                                 f"unexpected {sorted(extra)[:3]}")
+            for n, t in state.items():
+                if t.shape != self.shadow[n].shape:
+                    raise ValueError(f"EMA tensor {n} has shape {tuple(t.shape)}, model has "
+                                     f"{tuple(self.shadow[n].shape)}")
+        self.shadow = {n: t.to(device=device, dtype=torch.float32).clone() for n, t in state.items()}

@@ -1,0 +1,96 @@
+"""Training metrics: JSONL file, wandb (offline by default), and a rank-0 console line; throughput and MFU."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from vqd_scale.config import LoggingConfig
+
+# Dense bf16 peak FLOP/s per GPU (vendor datasheets), for the MFU estimate.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40": 181e12, "A10": 125e12, "V100": 125e12}
+
+
+def peak_flops(device: torch.device) -> Optional[float]:
+    """Datasheet peak of this GPU, or None (CPU or unknown GPU: MFU is not reported)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def flops_per_sample(num_params: int, layers: int, dim: int, seq_len: int, context_len: int) -> float:
+    """nanoGPT/PaLM estimate of training FLOPs per sample: 6·N·S for the weights plus attention scores."""
+    # 6 = forward (2) + backward (4) multiply-adds per weight per token; attention adds
+    # 12·L·D·S per token for self-attention (QKᵀ and AV over S keys) and 12·L·D·C for cross-attention.
+    return 6.0 * num_params * seq_len + 12.0 * layers * dim * seq_len * (seq_len + context_len)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak allocated GPU memory, or the process's peak RSS on CPU, in MiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return kib / 1024
+
+
+class MetricsLogger:
+    """Rank 0 writes metrics.jsonl, wandb and the console line; other ranks do nothing."""
+
+    def __init__(self, cfg: LoggingConfig, run_dir: Path, is_main: bool, config_dict: dict, resumed_step: int):
+        self.cfg = cfg
+        self.is_main = is_main
+        self.file = None
+        self.wandb = None
+        if not is_main:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)  # line-buffered: survives a kill
+        mode = os.environ.get("WANDB_MODE", cfg.wandb_mode)
+        if mode != "disabled":
+            import wandb
+            os.environ.setdefault("WANDB_SILENT", "true")
+            # The run id is stable per run directory so a resumed job continues the same wandb run.
+            run_id = "vqd-" + hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:12]
+            self.wandb = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity, mode=mode,
+                                    dir=str(run_dir), config=config_dict, id=run_id, resume="allow")
+        self._last_print = 0.0
+        self.resumed_step = resumed_step
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.is_main:
+            return
+        record = {"step": step, "time": time.time(), **metrics}
+        self.file.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+        line = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in CONSOLE_KEYS)
+        print(f"[step {step}] {line}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+CONSOLE_KEYS = ("loss", "vlb", "aux", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "data_wait",
+                "peak_mem_mb", "mfu")
+
+
+def read_metrics(run_dir: str | os.PathLike) -> dict[int, dict]:
+    """metrics.jsonl → {step: record}; a step logged twice (replayed after resume) keeps its last record."""
+    out: dict[int, dict] = {}
+    with open(Path(run_dir) / "metrics.jsonl") as f:
+        for line in f:
+            if line.strip():
+                rec = json.loads(line)
+                out[rec["step"]] = rec
+    return out
