@@ -68,7 +68,7 @@ class DiscreteDiffusionConfig:
 
 @dataclass
 class SamplerConfig:
-    """How to generate: steps (stride = T // steps), guidance, truncation, purity."""
+    """How to generate: steps (net evaluations, t = T−1 … 0 evenly spaced), guidance, truncation, purity."""
     steps: int = 100
     guidance_scale: float = 1.0
     truncation_rate: float = 1.0
@@ -226,6 +226,15 @@ def validate(cfg: RunConfig) -> RunConfig:
         _check(v is None or 0.0 <= v <= 1.0, f"diffusion.{k}", f"got {v}; must be in [0, 1]")
     _check(0.0 <= d.caption_dropout < 1.0, "diffusion.caption_dropout", "must be in [0, 1)")
     _check(d.num_timesteps >= 2, "diffusion.num_timesteps", "must be >= 2")
+    if d.preset in (*SCHEDULE_PRESETS, "custom"):
+        from vqd_scale.diffusion.presets import resolve_endpoints
+        try:
+            resolve_endpoints(d.preset, d.alpha_cum_start, d.alpha_cum_end, d.gamma_cum_start, d.gamma_cum_end)
+        except ValueError as e:
+            raise ConfigError(f"config key 'diffusion.preset': {e}") from None
+    _check(d.aux_weight >= 0, "diffusion.aux_weight", "must be >= 0")
+    _check(d.importance_min_count >= 0, "diffusion.importance_min_count", "must be >= 0")
+    _check(0.0 <= d.importance_ema < 1.0, "diffusion.importance_ema", "must be in [0, 1)")
     _check(cfg.model.num_timesteps == d.num_timesteps, "model.num_timesteps",
            f"must equal diffusion.num_timesteps ({d.num_timesteps})")
     _check(cfg.data.batch_size > 0, "data.batch_size", "must be > 0")
@@ -254,6 +263,11 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(s.kappa > 0, "shifted.kappa", "must be > 0")
     _check(cfg.eval.sampler.steps >= 1, "eval.sampler.steps", "must be >= 1")
     _check(0.0 < cfg.eval.sampler.truncation_rate <= 1.0, "eval.sampler.truncation_rate", "must be in (0, 1]")
+    _check(cfg.eval.sampler.steps <= d.num_timesteps, "eval.sampler.steps",
+           f"must be <= diffusion.num_timesteps ({d.num_timesteps})")
+    _check(cfg.eval.sampler.guidance_scale >= 0, "eval.sampler.guidance_scale", "must be >= 0")
+    _check(cfg.eval.sampler.purity_temperature >= 0, "eval.sampler.purity_temperature", "must be >= 0")
+    _check(cfg.eval.sampler.batch_size >= 1, "eval.sampler.batch_size", "must be >= 1")
     return cfg
 
 
