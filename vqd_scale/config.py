@@ -45,7 +45,7 @@ class TransformerConfig:
     layers: Optional[int] = None
     dim: Optional[int] = None
     heads: Optional[int] = None
-    mlp_ratio: float = 4.0
+    mlp_ratio: Optional[float] = None  # None = the size's ratio (4, or 16 for S: see models/transformer.py)
     dropout: float = 0.0
     activation_checkpointing: bool = False
 
@@ -235,6 +235,17 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(d.aux_weight >= 0, "diffusion.aux_weight", "must be >= 0")
     _check(d.importance_min_count >= 0, "diffusion.importance_min_count", "must be >= 0")
     _check(0.0 <= d.importance_ema < 1.0, "diffusion.importance_ema", "must be in [0, 1)")
+    m = cfg.model
+    _check(m.size in ("debug", "S", "B", "L"), "model.size", f"got {m.size!r}; use debug, S, B or L")
+    _check(m.num_classes >= 0, "model.num_classes", "must be >= 0 (0 = take K from the token manifest)")
+    _check(m.height >= 1 and m.width >= 1, "model.height", "height and width (token grid) must be >= 1")
+    _check(m.mlp_ratio is None or m.mlp_ratio > 0, "model.mlp_ratio", "must be > 0 (or null for the size's)")
+    _check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+    _check(m.context_len >= 1 and m.context_dim >= 1, "model.context_dim", "context_dim/context_len must be >= 1")
+    _check(cfg.text.context_length == m.context_len, "text.context_length",
+           f"must equal model.context_len ({m.context_len}): every text token feature is a context row")
+    _check(cfg.text.model == "tiny" or not (cfg.text.pretrained or "").startswith(("hf-hub:", "http")),
+           "text.pretrained", "must be a local file or 'local-dir:PATH', never a hub tag or URL")
     _check(cfg.model.num_timesteps == d.num_timesteps, "model.num_timesteps",
            f"must equal diffusion.num_timesteps ({d.num_timesteps})")
     _check(cfg.data.batch_size > 0, "data.batch_size", "must be > 0")

@@ -1,0 +1,41 @@
+#!/bin/bash
+# Evaluate a run directory's complete checkpoints with vqd-eval, as its own single-task job.
+#
+#   # once, after training finished successfully:
+#   RUN_DIR=runs/vqd_b sbatch --dependency=afterok:$TRAIN_JOB_ID slurm/eval.sh
+#   # as a watcher next to training (evaluates each new complete checkpoint once):
+#   RUN_DIR=runs/vqd_b EVAL_MODE=watch sbatch slurm/eval.sh
+#   # CPU (what tests/slurm runs):
+#   VQD_DEVICE=cpu RUN_DIR=runs/tiny sbatch --gpus-per-node=0 --cpus-per-task=2 slurm/eval.sh
+#
+# Submit from the repository root. Environment: RUN_DIR (required), EVAL_MODE (once|watch),
+# EVAL_ARGS (extra vqd-eval arguments), VQD_DEVICE, PYTHON — see slurm/common.sh.
+#
+#SBATCH --job-name=vqd-eval
+#SBATCH --nodes=1
+#SBATCH --ntasks=1                # sampling + metrics in one process
+#SBATCH --gpus-per-node=1         # --gpus-per-node=0 on CPU-only clusters
+#SBATCH --cpus-per-task=8
+#SBATCH --time=04:00:00
+#SBATCH --signal=B:USR2@60        # pre-empted / out of time: requeue; evaluation is idempotent
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=logs/%x-%j.out
+
+set -euo pipefail
+source "${VQD_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}/slurm/common.sh"
+cd "$VQD_ROOT"
+
+[[ -n "${RUN_DIR:-}" ]] || vqd_die "set RUN_DIR to the training run directory to evaluate"
+[[ -d "$RUN_DIR" ]] || vqd_die "RUN_DIR=$RUN_DIR does not exist (paths are relative to $VQD_ROOT)"
+EVAL_MODE="${EVAL_MODE:-once}"
+[[ "$EVAL_MODE" == once || "$EVAL_MODE" == watch ]] || vqd_die "EVAL_MODE=$EVAL_MODE: use once or watch"
+DEVICE="$(vqd_device)"
+vqd_device_env "$DEVICE"
+vqd_record eval_start ", \"mode\": \"$EVAL_MODE\""
+vqd_log "eval: run_dir=$RUN_DIR mode=$EVAL_MODE device=$DEVICE"
+
+# shellcheck disable=SC2086  # EVAL_ARGS is a space-separated list on purpose
+vqd_srun_requeueable --ntasks=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
+    "$PYTHON" -m vqd_scale.cli.eval "$RUN_DIR" "--$EVAL_MODE" ${EVAL_ARGS:-}
+exit "$VQD_RC"

@@ -1,0 +1,106 @@
+"""Submit training, extraction arrays and evaluation with submitit (SLURM, or local processes).
+
+Pass `cluster` explicitly: submitit's AutoExecutor picks SLURM whenever `srun` is on PATH and then
+fails if no controller answers. Without accounting (slurmdbd), submitit cannot read job states
+(`job.state`, `job.result()` may wait forever on a dead job): poll `squeue`/`scontrol` or the
+files the job writes instead — `JobInfo` gives the job id and log paths for that.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import braceexpand
+import submitit
+
+from vqd_scale.launch.jobs import EvalJob, ExtractShard, TrainJob
+
+CLUSTERS = ("slurm", "local")
+
+
+@dataclass
+class Resources:
+    """What one job asks the scheduler for (submitit's parameter names, minutes for time)."""
+    nodes: int = 1
+    tasks_per_node: int = 1
+    gpus_per_node: int = 0
+    cpus_per_task: int = 2
+    timeout_min: int = 60
+    partition: Optional[str] = None
+    signal_delay_s: int = 180
+    array_parallelism: int = 64
+
+
+@dataclass
+class JobInfo:
+    """Printed after submission: job id and where its logs go."""
+    kind: str
+    job_id: str
+    stdout: str
+    stderr: str
+
+    def line(self) -> str:
+        return f"{self.kind}: job {self.job_id}  stdout {self.stdout}  stderr {self.stderr}"
+
+
+def make_executor(folder: str | Path, cluster: str, res: Resources, name: str,
+                  dependency: Optional[str] = None) -> submitit.AutoExecutor:
+    """An executor for `cluster` ('slurm' or 'local') with `res`; `dependency` e.g. 'afterok:123'."""
+    if cluster not in CLUSTERS:
+        raise ValueError(f"cluster={cluster!r}: use one of {CLUSTERS} (pass it explicitly; see module doc)")
+    ex = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+    params = dict(name=name, nodes=res.nodes, tasks_per_node=res.tasks_per_node,
+                  cpus_per_task=res.cpus_per_task, timeout_min=res.timeout_min)
+    if cluster == "slurm":
+        extra = {"requeue": True, "open-mode": "append"}
+        if dependency:
+            extra["dependency"] = dependency
+        params.update(slurm_signal_delay_s=res.signal_delay_s, slurm_array_parallelism=res.array_parallelism,
+                      slurm_additional_parameters=extra)
+        # `--gpus-per-node=0` keeps a GPU-less cluster (no GRES configured) happy
+        params["slurm_gpus_per_node"] = res.gpus_per_node
+        if res.partition:
+            params["slurm_partition"] = res.partition
+    elif dependency:
+        raise ValueError("job dependencies need SLURM; with cluster='local' run the eval as a watcher")
+    ex.update_parameters(**params)
+    return ex
+
+
+def _info(kind: str, job: submitit.Job) -> JobInfo:
+    return JobInfo(kind, str(job.job_id), str(job.paths.stdout), str(job.paths.stderr))
+
+
+def submit_train(config: str, overrides: Sequence[str], folder: str | Path, cluster: str, res: Resources,
+                 python: str = sys.executable) -> tuple[submitit.Job, JobInfo]:
+    """Submit `vqd-train CONFIG OVERRIDES --resume auto` (checkpoint + requeue on pre-emption)."""
+    ex = make_executor(folder, cluster, res, "vqd-train")
+    job = ex.submit(TrainJob(config, overrides, python))
+    return job, _info("train", job)
+
+
+def submit_eval(run_dir: str, folder: str | Path, cluster: str, res: Resources, after: Optional[str] = None,
+                watch: bool = False, extra: Sequence[str] = (), python: str = sys.executable):
+    """Submit `vqd-eval RUN_DIR` once after job `after` succeeded, or as a watcher (`watch=True`)."""
+    ex = make_executor(folder, cluster, res, "vqd-eval", dependency=f"afterok:{after}" if after else None)
+    job = ex.submit(EvalJob(run_dir, watch, extra, python))
+    return job, _info("eval", job)
+
+
+def expand_shards(pattern: str) -> list[str]:
+    """Input shards of a braceexpand pattern, several patterns joined with '::'."""
+    shards = [s for p in pattern.split("::") for s in braceexpand.braceexpand(p)]
+    if not shards:
+        raise ValueError(f"input pattern {pattern!r} expands to no shards")
+    return shards
+
+
+def submit_extract(inputs: str, extract_args: Sequence[str], folder: str | Path, cluster: str, res: Resources,
+                   python: str = sys.executable):
+    """Submit a job array with one `vqd-extract ... --input SHARD` task per input shard."""
+    shards = expand_shards(inputs)
+    ex = make_executor(folder, cluster, res, "vqd-extract")
+    jobs = ex.map_array(ExtractShard(extract_args, python), shards)
+    return jobs, _info(f"extract[{len(shards)} shards]", jobs[0])
