@@ -1,0 +1,208 @@
+"""Offline pre-extraction: img2dataset shards → token shards, one output per input, done-markers, manifest.
+
+Per input shard `NNNNN.tar` the output dir gets `NNNNN.tar` (written as a temp file, then renamed)
+and `NNNNN.done.json` (written last: counts written / skipped by reason). A rerun skips shards whose
+marker exists and redoes half-written ones. `manifest.json` aggregates every marker in the dir.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import braceexpand
+import numpy as np
+import torch
+
+from vqd_scale.data import schema
+from vqd_scale.data.inputs import TRUNCATED, UNREADABLE, ShardSamples
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExtractConfig:
+    """What vqd-extract does: inputs, output dir, tokenizer, preprocessing, batching, embeddings."""
+    inputs: str = ""  # braceexpand pattern(s) of img2dataset shards, several joined with '::'
+    out_dir: str = ""
+    tokenizer: str = ""  # tokenizer directory (ImageTokenizer.load)
+    source: str = "synthetic"  # dataset name recorded per sample, e.g. laion, cc15m
+    resolution: int = 64
+    center_crop: bool = True
+    batch_size: int = 64
+    num_workers: int = 0
+    device: str = "cpu"  # cpu | cuda (bf16 autocast on GPU)
+    text_tokenizer: str = "ViT-B-32"  # open_clip tokenizer name (CLIP BPE, 77 tokens)
+    clip_model: Optional[str] = None  # open_clip model for embeddings ("tiny" or a name); None = no embeddings
+    clip_pretrained: Optional[str] = None  # local weights file for clip_model
+    task_index: int = 0  # this process handles inputs i with i % num_tasks == task_index (SLURM arrays)
+    num_tasks: int = 1
+    progress: bool = True
+    extra_meta: dict = field(default_factory=dict)
+
+
+def expand_inputs(pattern: str) -> list[str]:
+    """'a/{00000..00009}.tar::b/*.tar'-style patterns → list of paths, order kept."""
+    out: list[str] = []
+    for part in pattern.split("::"):
+        out.extend(braceexpand.braceexpand(part.strip()))
+    if not out or not pattern.strip():
+        raise ValueError("no input shards: pass --inputs like 'data/{00000..00099}.tar'")
+    return out
+
+
+def output_name(input_path: str) -> str:
+    """Input shard path → output tar name (same stem)."""
+    name = Path(input_path).name
+    return name if name.endswith(".tar") else name + ".tar"
+
+
+def text_tokenizer(name: str) -> Callable[[list[str]], torch.Tensor]:
+    """open_clip's CLIP BPE tokenizer (bundled vocabulary, no download): list[str] → Long[B,77]."""
+    from vqd_scale.compat import import_open_clip
+
+    return import_open_clip().get_tokenizer(name)
+
+
+def _collate(batch: list[dict]) -> list[dict]:
+    return batch
+
+
+def extract_shard(cfg: ExtractConfig, input_path: str, tokenizer, tokenize, embedder=None) -> dict:
+    """Tokenise one input shard into out_dir; returns (and writes) its done-marker dict."""
+    import webdataset as wds
+
+    out_dir = Path(cfg.out_dir)
+    final = out_dir / output_name(input_path)
+    tmp = final.with_name(final.name + f".tmp{os.getpid()}")
+    t0 = time.time()
+    skipped: Counter = Counter()
+    written = seen = 0
+    device = torch.device(cfg.device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
+    loader = torch.utils.data.DataLoader(ShardSamples(input_path, cfg.resolution, cfg.center_crop),
+                                         batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                                         collate_fn=_collate)
+    h, w = tokenizer.token_shape(cfg.resolution)
+    with wds.TarWriter(str(tmp), encoder=False) as sink:
+        for batch in loader:
+            good = []
+            for r in batch:
+                if r["skip"] is None:
+                    good.append(r)
+                else:
+                    skipped[r["skip"]] += 1
+                seen += r["skip"] not in (UNREADABLE, TRUNCATED)  # shard-level events are not samples
+            if not good:
+                continue
+            imgs = torch.from_numpy(np.stack([r["image"] for r in good])).to(device)  # [b,R,R,3] uint8
+            imgs = imgs.permute(0, 3, 1, 2).float() / 127.5 - 1  # → [b,3,R,R] in [-1,1]
+            captions = [r["caption"] for r in good]
+            with torch.no_grad(), autocast:
+                ids = tokenizer.encode(imgs).cpu().numpy()  # [b,h,w]
+                emb = embedder(imgs, captions) if embedder is not None else None
+            txt = tokenize(captions).numpy()
+            for i, r in enumerate(good):
+                meta = {"source": cfg.source, "original_size": r["original_size"],
+                        "tokenizer_id": tokenizer.tokenizer_id, "input_shard": Path(input_path).name,
+                        "url": r["meta"].get("url"), **cfg.extra_meta}
+                sink.write(schema.encode_record(
+                    r["key"], ids[i], txt[i], r["caption"], meta,
+                    image_emb=None if emb is None else emb[0][i], text_emb=None if emb is None else emb[1][i]))
+                written += 1
+    os.replace(tmp, final)
+    marker = {"input": str(input_path), "output": final.name, "written": written,
+              "skipped": dict(sorted(skipped.items())), "input_samples": seen,
+              "tokenizer_id": tokenizer.tokenizer_id, "num_classes": tokenizer.num_classes,
+              "token_shape": [h, w], "seconds": round(time.time() - t0, 3),
+              "all_invalid": written == 0}
+    if written == 0:
+        log.error("shard %s: no valid sample (skipped: %s); check the input shard", input_path, dict(skipped))
+    schema.write_json_atomic(schema.done_marker_path(final), marker)
+    return marker
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def write_manifest(cfg: ExtractConfig, tokenizer, inputs: list[str], embed_dim: Optional[int] = None,
+                   embedding_model: Optional[dict] = None) -> dict:
+    """Aggregate every done-marker of the expected outputs into out_dir/manifest.json (atomic)."""
+    out_dir = Path(cfg.out_dir)
+    shards, totals, failed, pending = [], Counter(), [], []
+    missing = [p for p in inputs if not _exists(p)]
+    for p in inputs:
+        if p in missing:
+            continue
+        mpath = schema.done_marker_path(out_dir / output_name(p))
+        if not mpath.exists():
+            pending.append(Path(p).name)
+            continue
+        m = json.loads(mpath.read_text())
+        if m.get("tokenizer_id") != tokenizer.tokenizer_id:
+            raise ValueError(f"{mpath} was written with tokenizer {m.get('tokenizer_id')}, not "
+                             f"{tokenizer.tokenizer_id}; extract into a fresh --out-dir")
+        shards.append({"name": m["output"], "count": m["written"]})
+        totals["written"] += m["written"]
+        for k, v in m["skipped"].items():
+            totals[f"skipped_{k}"] += v
+        if m["all_invalid"]:
+            failed.append(m["output"])
+    h, w = tokenizer.token_shape(cfg.resolution)
+    manifest = {
+        "format": schema.FORMAT, "tokenizer_id": tokenizer.tokenizer_id, "tokenizer_kind": tokenizer.kind,
+        "num_classes": tokenizer.num_classes, "token_shape": [h, w], "resolution": cfg.resolution,
+        "center_crop": cfg.center_crop, "text_tokenizer": f"open_clip:{cfg.text_tokenizer}",
+        "context_length": 77, "embed_dim": embed_dim, "embedding_model": embedding_model,
+        "source": cfg.source, "shards": shards, "totals": dict(sorted(totals.items())),
+        "num_failed_shards": len(failed), "failed_shards": failed, "missing_inputs": missing,
+        "pending_inputs": pending, "complete": not pending,
+    }
+    schema.write_json_atomic(out_dir / schema.MANIFEST, manifest)
+    return manifest
+
+
+def _exists(p: str) -> bool:
+    """Local inputs must exist (gaps in img2dataset numbering are common); remote URLs are assumed to."""
+    return "://" in p or p.startswith("pipe:") or Path(p).exists()
+
+
+def run_extract(cfg: ExtractConfig, embedder=None) -> dict:
+    """Extract this task's share of the inputs (skipping finished shards), then rewrite the manifest."""
+    from tqdm import tqdm
+
+    from vqd_scale.models.vqvae import ImageTokenizer
+
+    if not cfg.out_dir:
+        raise ValueError("set --out-dir: where token shards, done-markers and manifest.json go")
+    if not 0 <= cfg.task_index < cfg.num_tasks:
+        raise ValueError(f"task index {cfg.task_index} not in [0, num_tasks={cfg.num_tasks})")
+    inputs = expand_inputs(cfg.inputs)
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    tokenizer = ImageTokenizer.load(cfg.tokenizer, device=cfg.device)
+    tokenizer.token_shape(cfg.resolution)  # fail fast on a resolution the tokenizer cannot split
+    tokenize = text_tokenizer(cfg.text_tokenizer)
+    mine = [p for i, p in enumerate(inputs) if i % cfg.num_tasks == cfg.task_index]
+    missing = [p for p in mine if not _exists(p)]
+    for p in missing:
+        log.warning("input shard %s does not exist (gap in shard numbering?); recorded in manifest", p)
+    todo = [p for p in mine if p not in missing]
+    for p in tqdm(todo, desc=f"extract task {cfg.task_index}/{cfg.num_tasks}", disable=not cfg.progress):
+        final = Path(cfg.out_dir) / output_name(p)
+        if schema.done_marker_path(final).exists() and final.exists():
+            continue  # finished by an earlier run
+        for stale in final.parent.glob(final.name + ".tmp*"):  # half-written by a killed run
+            stale.unlink()
+        extract_shard(cfg, p, tokenizer, tokenize, embedder)
+    return write_manifest(cfg, tokenizer, inputs, getattr(embedder, "embed_dim", None),
+                          getattr(embedder, "description", None))

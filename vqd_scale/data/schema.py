@@ -1,0 +1,109 @@
+"""The token-shard record and manifest: member names, dtypes, shapes and (de)serialisation, in one place.
+
+A token shard is a plain WebDataset tar; one sample = the members below sharing one `__key__`.
+Arrays are `.npy` (readable by anything with numpy); the loader parses them with a cached-header
+`np.frombuffer` because `np.load` re-parses the same header for every record (spec: per-sample
+Python overhead is the bottleneck).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+FORMAT = "vqd-token-shards/1"
+IMAGE_TOKENS = "img.tok.npy"  # int16 [h, w] pruned code ids (compact ids < K)
+TEXT_TOKENS = "txt.tok.npy"  # int32 [77] CLIP BPE ids
+CAPTION = "txt"  # utf-8 caption
+IMAGE_EMB = "img.emb.npy"  # float16 [E] CLIP image embedding (optional)
+TEXT_EMB = "txt.emb.npy"  # float16 [E] CLIP text embedding (optional)
+META = "json"  # {"source", "original_size", "tokenizer_id", ...}
+REQUIRED = (IMAGE_TOKENS, TEXT_TOKENS)
+MANIFEST = "manifest.json"
+DONE_SUFFIX = ".done.json"
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    """Serialise one array as .npy bytes."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+_HEADER_CACHE: dict[bytes, tuple[np.dtype, tuple[int, ...], int]] = {}
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    """Parse .npy bytes; the header parse is cached because every record of a shard shares it."""
+    if data[:6] != b"\x93NUMPY":
+        raise ValueError("not an .npy member (bad magic)")
+    # v1 header length is a uint16 at byte 8, v2/v3 a uint32; the header ends at a 64-byte boundary
+    major = data[6]
+    hlen = int.from_bytes(data[8:10], "little") if major == 1 else int.from_bytes(data[8:12], "little")
+    start = 10 if major == 1 else 12
+    header = data[: start + hlen]
+    parsed = _HEADER_CACHE.get(header)
+    if parsed is None:
+        buf = io.BytesIO(header)
+        version = np.lib.format.read_magic(buf)
+        shape, fortran, dtype = np.lib.format._read_array_header(buf, version)  # noqa: SLF001 (numpy's own parser)
+        if fortran or dtype.hasobject:
+            raise ValueError("unsupported .npy layout (fortran order or object dtype)")
+        parsed = (dtype, tuple(shape), len(header))
+        if len(_HEADER_CACHE) < 256:
+            _HEADER_CACHE[header] = parsed
+    dtype, shape, offset = parsed
+    count = int(np.prod(shape)) if shape else 1
+    if len(data) - offset != count * dtype.itemsize:
+        raise ValueError(f".npy member has {len(data) - offset} data bytes, header says {count * dtype.itemsize}")
+    return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
+
+
+def encode_record(key: str, image_tokens: np.ndarray, text_tokens: np.ndarray, caption: str,
+                  meta: dict, image_emb: Optional[np.ndarray] = None,
+                  text_emb: Optional[np.ndarray] = None) -> dict[str, Any]:
+    """One sample as a WebDataset dict of member name → bytes."""
+    rec: dict[str, Any] = {
+        "__key__": key,
+        IMAGE_TOKENS: npy_bytes(np.asarray(image_tokens, dtype=np.int16)),
+        TEXT_TOKENS: npy_bytes(np.asarray(text_tokens, dtype=np.int32)),
+        CAPTION: caption.encode("utf-8"),
+        META: json.dumps(meta, sort_keys=True).encode("utf-8"),
+    }
+    if image_emb is not None:
+        rec[IMAGE_EMB] = npy_bytes(np.asarray(image_emb, dtype=np.float16))
+    if text_emb is not None:
+        rec[TEXT_EMB] = npy_bytes(np.asarray(text_emb, dtype=np.float16))
+    return rec
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON via a temp file + os.replace so readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def done_marker_path(shard_path: str | os.PathLike) -> Path:
+    """`dir/00012.tar` → `dir/00012.done.json`."""
+    p = Path(shard_path)
+    return p.with_name(p.name[: -len(".tar")] + DONE_SUFFIX if p.name.endswith(".tar") else p.name + DONE_SUFFIX)
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """Load a manifest (a file or the directory holding manifest.json) and check its format tag."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / MANIFEST
+    if not p.exists():
+        raise FileNotFoundError(f"token manifest {p} not found; run vqd-extract (it writes {MANIFEST}) "
+                                f"or point data.manifest at the right file")
+    m = json.loads(p.read_text())
+    if m.get("format") != FORMAT:
+        raise ValueError(f"{p}: format {m.get('format')!r} is not {FORMAT!r}; re-extract with this version")
+    return m
