@@ -106,6 +106,9 @@ class ShiftedDiffusionConfig:
     clamp_x0: bool = False
     text_dropout: float = 0.1
     sample_steps: int = 64
+    sample_variance: str = "large"  # large = β_t Σ (as released) | small = posterior β̃_t Σ
+    guidance_scale: float = 1.0  # classifier-free guidance on ẑ_0 (1 = off)
+    num_aux_draws: int = 16  # draws of μ_c + κσ_c ε in the learnable-mixture cosine loss
 
 
 @dataclass
@@ -272,6 +275,18 @@ def validate(cfg: RunConfig) -> RunConfig:
     s = cfg.shifted
     _check(0.0 < s.beta_start < s.beta_end < 1.0, "shifted.beta_start", "need 0 < beta_start < beta_end < 1")
     _check(s.kappa > 0, "shifted.kappa", "must be > 0")
+    _check(s.num_timesteps >= 2, "shifted.num_timesteps", "must be >= 2")
+    _check(1 <= s.sample_steps <= s.num_timesteps, "shifted.sample_steps",
+           f"got {s.sample_steps}; must be in [1, shifted.num_timesteps={s.num_timesteps}]")
+    _check(s.sample_variance in ("large", "small"), "shifted.sample_variance",
+           f"got {s.sample_variance!r}; use 'large' (β_t Σ, released) or 'small' (posterior β̃_t Σ)")
+    _check(0.0 <= s.text_dropout < 1.0, "shifted.text_dropout", "must be in [0, 1)")
+    _check(s.mixture_lr_scale > 0, "shifted.mixture_lr_scale", "must be > 0")
+    _check(s.num_aux_draws >= 1, "shifted.num_aux_draws", "must be >= 1")
+    p = cfg.prior
+    _check(p.num_components >= 1, "prior.num_components", "must be >= 1 (the k of the mixture)")
+    _check(p.embed_dim >= 1 and p.context_dim >= 1 and p.context_len >= 1, "prior.embed_dim",
+           "embed_dim, context_dim and context_len must be >= 1")
     _check(cfg.eval.sampler.steps >= 1, "eval.sampler.steps", "must be >= 1")
     _check(0.0 < cfg.eval.sampler.truncation_rate <= 1.0, "eval.sampler.truncation_rate", "must be in (0, 1]")
     _check(cfg.eval.sampler.steps <= d.num_timesteps, "eval.sampler.steps",
