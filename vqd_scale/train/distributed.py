@@ -111,14 +111,6 @@ def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, 0)
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if it is true on any rank (so all ranks agree to save/stop)."""
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    if world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
 def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
     """Average a tensor over ranks (for logging)."""
     if world_size() == 1:
@@ -137,3 +129,11 @@ def shutdown() -> None:
     """Destroy the process group if one was started."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def agree(flags: list[bool], device: torch.device) -> list[bool]:
+    """Element-wise OR of boolean flags over ranks, in one collective (save/stop decisions)."""
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
+    if world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v > 0) for v in t.tolist()]

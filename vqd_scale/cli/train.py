@@ -1,0 +1,53 @@
+"""`vqd-train CONFIG [key=value ...] [--resume auto|none|PATH] [--init-from PATH]`.
+
+Works as one plain process, under `torchrun` and under `srun` (see train/distributed.py). The config
+is parsed and validated (and a resume checkpoint checked) before any process group starts, so a bad
+value fails fast with a message instead of hanging the other ranks.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="vqd-train", description=__doc__.splitlines()[0])
+    p.add_argument("config", nargs="?", default=None,
+                   help="YAML config (default: configs/tiny.yaml); later dotted overrides win")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 deepspeed.zero_stage=3")
+    p.add_argument("--resume", default=None, help="auto (newest complete checkpoint) | none | PATH "
+                   "(default: checkpoint.resume from the config)")
+    p.add_argument("--init-from", default=None, help="initial weights only: .safetensors or a checkpoint dir (EMA)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
+    args = parse_args(argv)
+    config = args.config
+    overrides = list(args.overrides)
+    if config is not None and "=" in config:  # `vqd-train key=value ...` without a file
+        overrides.insert(0, config)
+        config = None
+    from vqd_scale.config import ConfigError, load_config
+    try:
+        cfg = load_config(config or DEFAULT_CONFIG, overrides)
+        from vqd_scale.train.loop import run
+        code = run(cfg, resume=args.resume, init_from=args.init_from)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"vqd-train: error: {e}", file=sys.stderr)
+        return 2
+    return code
+
+
+def _has_cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""VQ-Diffusion training task: frozen text features → q_sample → transformer → VLB + aux loss, importance-weighted."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+from vqd_scale.config import DiscreteDiffusionConfig, TextEncoderConfig, TransformerConfig
+from vqd_scale.diffusion.discrete import ImportanceSampler, MaskAndReplace
+from vqd_scale.models.transformer import VQDiffusionTransformer, resolve_size
+
+
+class TrainableVQD(VQDiffusionTransformer):
+    """The transformer plus per-sample caption dropout to its learned null context.
+
+    A subclass (not a wrapper) so the state dict is exactly the transformer's, and so the null context
+    is used inside this module's forward, where ZeRO-3 has gathered it (a wrapper reading it outside
+    the owning module's forward would see an empty partition).
+    """
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, context: Optional[torch.Tensor] = None,
+                context_kv=None, drop_text: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if context is not None:
+            context = context.to(self.null_context.dtype)  # bf16 engine, fp32 text features
+            if drop_text is not None:
+                null = self.null_context.unsqueeze(0).expand_as(context)  # [B, L, Dc]
+                context = torch.where(drop_text.view(-1, 1, 1), null, context)
+        return super().forward(x_t, t, context=context, context_kv=context_kv)
+
+
+class VQDTask:
+    """Loss of one micro-batch and the cross-rank importance-sampler state."""
+
+    gather_keys = ("t", "vlb_per_sample")
+
+    def __init__(self, model_cfg: TransformerConfig, diffusion_cfg: DiscreteDiffusionConfig,
+                 text_cfg: TextEncoderConfig, device: torch.device):
+        from vqd_scale.models.text import FrozenCLIPTextEncoder
+
+        self.device = device
+        self.text = FrozenCLIPTextEncoder(text_cfg).to(device).eval()
+        self.text.requires_grad_(False)
+        self.module = TrainableVQD(model_cfg)
+        self.model_config = dataclasses.asdict(model_cfg)
+        self.diffusion = MaskAndReplace(diffusion_cfg, model_cfg.num_classes).to(device)
+        self.sampler = ImportanceSampler(diffusion_cfg.num_timesteps, diffusion_cfg)
+        size = resolve_size(model_cfg)
+        n = model_cfg.height * model_cfg.width
+        self.tokens_per_sample = n
+        from vqd_scale.train.metrics import flops_per_sample
+        num_params = sum(p.numel() for p in self.module.parameters())
+        self.flops_per_sample = flops_per_sample(num_params, size.layers, size.dim, n, model_cfg.context_len)
+
+    def loss(self, module, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """Importance-weighted mean loss over batch × tokens, plus metrics."""
+        x0 = batch["image_tokens"].to(self.device, non_blocking=True).long().flatten(1)  # [B,h,w] → [B,N]
+        with torch.no_grad():
+            context = self.text(batch["text_tokens"].to(self.device, non_blocking=True))  # [B,77,width]
+        t, weight = self.sampler.sample(x0.shape[0], self.device, generator)
+        x_t = self.diffusion.q_sample(x0, t, generator)
+        drop = batch["drop_text"].to(self.device, non_blocking=True).bool()
+        log_x0 = module(x_t, t, context=context, drop_text=drop)
+        parts = self.diffusion.losses(log_x0.float(), x0, x_t, t)
+        loss = (parts["loss"] * weight).mean()
+        metrics = {"loss": loss.detach(), "vlb": parts["vlb"].detach().mean(), "aux": parts["aux"].detach().mean(),
+                   "t": t, "vlb_per_sample": parts["vlb"].detach()}
+        return loss, metrics
+
+    def after_step(self, gathered: dict[str, torch.Tensor]) -> None:
+        """Every rank folds in the same globally gathered (t, vlb), so sampler states stay identical."""
+        self.sampler.update(gathered["t"], gathered["vlb_per_sample"])
+
+    def state_dict(self) -> dict:
+        return {"importance_sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["importance_sampler"])
+
+
+def build(cfg, device: torch.device) -> VQDTask:
+    """VQDTask from a RunConfig's text, model and diffusion sections."""
+    return VQDTask(cfg.model, cfg.diffusion, cfg.text, device)
