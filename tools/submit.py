@@ -7,7 +7,8 @@
     python tools/submit.py train configs/tiny.yaml run_dir=runs/tiny --nodes 2 --cluster slurm
     python tools/submit.py train configs/tiny.yaml run_dir=runs/tiny --cluster local
     # extraction: one array task per input shard; arguments after `--` go to vqd-extract
-    python tools/submit.py extract --inputs 'data/laion/{00000..00999}.tar' -- --out tokens/laion ...
+    python tools/submit.py extract --inputs 'data/laion/{00000..00999}.tar' --gpus-per-node 1 \
+        -- --out-dir tokens/laion --tokenizer tokenizers/vq --source laion
     # evaluation of a run directory: once after a job, or as a watcher next to training
     python tools/submit.py eval runs/vqd_b --after 12345
     python tools/submit.py eval runs/vqd_b --watch
@@ -62,8 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--after", default=None, help="job id that must finish successfully first")
     e.add_argument("--watch", action="store_true")
     _add_resources(e)
-    x = sub.add_parser("extract", help="job array: vqd-extract ... --input SHARD per input shard")
+    x = sub.add_parser("extract", help="job array of vqd-extract tasks, by default one per input shard")
     x.add_argument("--inputs", required=True, help="braceexpand pattern(s) of input tars, '::'-joined")
+    x.add_argument("--num-tasks", type=int, default=None, help="array size (default: number of input shards)")
     x.add_argument("extract_args", nargs=argparse.REMAINDER, help="after `--`: arguments for vqd-extract")
     _add_resources(x)
     a = ap.parse_args(argv)
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         print(info.line(), flush=True)
     else:
         args = a.extract_args[1:] if a.extract_args[:1] == ["--"] else a.extract_args
-        _, info = submit_extract(a.inputs, args, a.folder, a.cluster, res, a.python)
+        _, info = submit_extract(a.inputs, args, a.folder, a.cluster, res, a.num_tasks, a.python)
         print(info.line(), flush=True)
     return 0
 

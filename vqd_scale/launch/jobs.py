@@ -85,19 +85,22 @@ class TrainJob(submitit.helpers.Checkpointable):
         return {k: v for k, v in self.__dict__.items() if k != "_proc"} | {"_proc": None}
 
 
-class ExtractShard:
-    """One array task: `vqd-extract` over one input shard (reruns skip shards already done)."""
+class ExtractTask:
+    """One array task: `vqd-extract --inputs PATTERN ... --task-index I --num-tasks N` (its share of the
+    input shards; a rerun skips shards already done)."""
 
-    def __init__(self, args: Sequence[str], python: str = sys.executable):
-        self.args = list(args)
-        self.python = python
+    def __init__(self, inputs: str, args: Sequence[str], num_tasks: int, python: str = sys.executable):
+        self.inputs, self.args, self.num_tasks, self.python = inputs, list(args), num_tasks, python
 
-    def __call__(self, shard: str) -> str:
-        cmd = [self.python, "-m", "vqd_scale.cli.extract", *self.args, "--input", shard]
-        rc = _run(cmd)
+    def command(self, index: int) -> list[str]:
+        return [self.python, "-m", "vqd_scale.cli.extract", "--inputs", self.inputs, *self.args,
+                "--task-index", str(index), "--num-tasks", str(self.num_tasks)]
+
+    def __call__(self, index: int) -> int:
+        rc = _run(self.command(index))
         if rc != 0:
-            raise RuntimeError(f"vqd-extract exited with status {rc} on {shard}: {' '.join(cmd)}")
-        return shard
+            raise RuntimeError(f"vqd-extract exited with status {rc}: {' '.join(self.command(index))}")
+        return index
 
 
 class EvalJob(submitit.helpers.Checkpointable):

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import braceexpand
 import submitit
 
-from vqd_scale.launch.jobs import EvalJob, ExtractShard, TrainJob
+from vqd_scale.launch.jobs import EvalJob, ExtractTask, TrainJob
 
 CLUSTERS = ("slurm", "local")
 
@@ -98,9 +98,9 @@ def expand_shards(pattern: str) -> list[str]:
 
 
 def submit_extract(inputs: str, extract_args: Sequence[str], folder: str | Path, cluster: str, res: Resources,
-                   python: str = sys.executable):
-    """Submit a job array with one `vqd-extract ... --input SHARD` task per input shard."""
-    shards = expand_shards(inputs)
+                   num_tasks: Optional[int] = None, python: str = sys.executable):
+    """Submit a job array of `vqd-extract` tasks, by default one per input shard."""
+    n = num_tasks or len(expand_shards(inputs))
     ex = make_executor(folder, cluster, res, "vqd-extract")
-    jobs = ex.map_array(ExtractShard(extract_args, python), shards)
-    return jobs, _info(f"extract[{len(shards)} shards]", jobs[0])
+    jobs = ex.map_array(ExtractTask(inputs, extract_args, n, python), list(range(n)))
+    return jobs, _info(f"extract[{n} tasks]", jobs[0])
