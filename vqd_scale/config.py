@@ -172,13 +172,22 @@ class CheckpointConfig:
 @dataclass
 class EvalConfig:
     """Separately scheduled evaluation of each new complete checkpoint."""
-    shards: str = ""  # held-out token shards
+    shards: str = ""  # held-out token shards (braceexpand; `::` joins several patterns)
     num_samples: int = 64
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    feature_extractor: str = "clip"  # clip | inception
-    feature_weights: Optional[str] = None
+    metrics: list[str] = field(default_factory=lambda: ["fid", "clip_score"])  # + "attributes" (synthetic data)
+    feature_extractor: str = "clip"  # FID features: clip | inception
+    feature_weights: Optional[str] = None  # local pytorch-fid Inception weights (feature_extractor=inception)
+    clip_model: str = "ViT-B-32"  # open_clip name for FID features and CLIP score; `tiny` = random (tests)
+    clip_weights: Optional[str] = None  # local CLIP weights file (required unless clip_model=tiny)
+    tokenizer: Optional[str] = None  # ImageTokenizer directory that decodes the image tokens (task vqd)
+    reference_stats: Optional[str] = None  # real-image .npz (mu, sigma); default: decoded held-out tokens
+    grid_size: int = 16  # samples shown in eval/<step>.png
     prior_steps: list[int] = field(default_factory=lambda: [8, 64])
     poll_seconds: float = 30.0
+    idle_timeout: float = 3600.0  # --watch gives up after this long without a new complete checkpoint
+    lock_stale_seconds: float = 21600.0  # a claim older than this (a dead evaluator elsewhere) is retaken
+    seed: int = 0
 
 
 @dataclass
@@ -289,6 +298,16 @@ def validate(cfg: RunConfig) -> RunConfig:
            "embed_dim, context_dim and context_len must be >= 1")
     _check(cfg.eval.sampler.steps >= 1, "eval.sampler.steps", "must be >= 1")
     _check(0.0 < cfg.eval.sampler.truncation_rate <= 1.0, "eval.sampler.truncation_rate", "must be in (0, 1]")
+    e = cfg.eval
+    _check(e.num_samples >= 2, "eval.num_samples", "must be >= 2 (FID needs a covariance)")
+    _check(set(e.metrics) <= {"fid", "clip_score", "attributes"}, "eval.metrics",
+           f"got {e.metrics}; choose from fid, clip_score, attributes")
+    _check(e.feature_extractor in ("clip", "inception"), "eval.feature_extractor", "use clip or inception")
+    _check(e.grid_size >= 1, "eval.grid_size", "must be >= 1")
+    _check(len(e.prior_steps) > 0 and all(k >= 1 for k in e.prior_steps), "eval.prior_steps",
+           "give at least one step count, each >= 1")
+    _check(e.poll_seconds > 0 and e.idle_timeout >= 0, "eval.poll_seconds", "poll_seconds > 0, idle_timeout >= 0")
+    _check(e.lock_stale_seconds > 0, "eval.lock_stale_seconds", "must be > 0")
     _check(cfg.eval.sampler.steps <= d.num_timesteps, "eval.sampler.steps",
            f"must be <= diffusion.num_timesteps ({d.num_timesteps})")
     _check(cfg.eval.sampler.guidance_scale >= 0, "eval.sampler.guidance_scale", "must be >= 0")
