@@ -50,7 +50,8 @@ def load_npy(data: bytes) -> np.ndarray:
     if parsed is None:
         buf = io.BytesIO(header)
         version = np.lib.format.read_magic(buf)
-        shape, fortran, dtype = np.lib.format._read_array_header(buf, version)  # noqa: SLF001 (numpy's own parser)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(buf)  # numpy's own (safe) header parser
         if fortran or dtype.hasobject:
             raise ValueError("unsupported .npy layout (fortran order or object dtype)")
         parsed = (dtype, tuple(shape), len(header))

@@ -1,0 +1,316 @@
+"""Worker side of the loader: one deterministic batch stream per (rank, stream), a function of
+(seed, rank, stream, epoch, position) so resuming = skipping to a position (shard counts, not decoding).
+
+Stages (run inside a DataLoader worker, composed in loader.py with wds.DataPipeline):
+mixed raw samples (weighted interleave of per-source resampled shard readers) → decode/validate →
+fixed-size batches with caption dropout, tagged with the stream position after each batch.
+"""
+from __future__ import annotations
+
+import logging
+import tarfile
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+from vqd_scale.data import schema
+
+log = logging.getLogger(__name__)
+MIX_CHUNK = 4096  # mixing draws come in fixed chunks with their own seed → O(1) random access
+_MIX, _SHARDS, _BLOCK, _DROP = 1, 2, 3, 4  # domain tags keep the RNG streams independent
+
+
+@dataclass
+class SourceSpec:
+    """One source as the workers see it: shard paths, known sample counts (None = count by scanning), weight."""
+    name: str
+    shards: list[str]
+    counts: list[Optional[int]]
+    weight: float
+
+
+@dataclass
+class StreamSpec:
+    """Everything a worker needs to produce its batches (picklable, no config objects)."""
+    sources: list[SourceSpec]
+    seed: int
+    rank: int
+    world_size: int
+    num_streams: int
+    batch_size: int
+    batches_per_epoch: int  # per stream
+    resampled: bool
+    block: int  # within-shard shuffle block (samples); 0 = keep shard order
+    token_shape: tuple[int, int]
+    num_classes: int
+    context_length: int
+    embed_dim: Optional[int]
+    with_embeddings: bool
+    caption_dropout: float
+    max_consecutive_failures: int = 1000
+    warn_every_s: float = 10.0
+
+
+@dataclass
+class Position:
+    """Where a stream is: epoch, batches done in it, raw samples consumed per source."""
+    epoch: int = 0
+    batch: int = 0
+    src_pos: list[int] = field(default_factory=list)
+
+
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.default_rng([int(k) for k in key])
+
+
+class MixSchedule:
+    """Source index of the n-th raw sample of a stream's epoch; fixed-size chunks with their own seed give random access."""
+
+    def __init__(self, spec: StreamSpec, stream: int, epoch: int):
+        w = np.array([s.weight for s in spec.sources], dtype=np.float64)
+        self.p, self.key = w / w.sum(), (spec.seed, spec.rank, stream, epoch, _MIX)
+        self.chunk, self.draws = -1, None
+
+    def __call__(self, index: int) -> int:
+        chunk, off = divmod(index, MIX_CHUNK)
+        if chunk != self.chunk:
+            self.chunk = chunk
+            self.draws = _rng(*self.key, chunk).choice(len(self.p), size=MIX_CHUNK, p=self.p).tolist()
+        return self.draws[off]
+
+
+def shard_sequence(spec: StreamSpec, stream: int, epoch: int, k: int) -> Iterator[int]:
+    """Shard indices of source k this stream reads, in order: resampled draws, or cycles over its own split."""
+    src = spec.sources[k]
+    rng = _rng(spec.seed, spec.rank, stream, epoch, _SHARDS, k)
+    if spec.resampled:
+        while True:
+            yield from rng.integers(len(src.shards), size=256).tolist()
+    mine = list(range(len(src.shards)))[spec.rank * spec.num_streams + stream::spec.world_size * spec.num_streams]
+    while True:
+        yield from rng.permutation(mine).tolist()
+
+
+def count_samples(path: str) -> int:
+    """Samples in a token shard by scanning headers only (fallback when no done-marker count exists)."""
+    keys = set()
+    with tarfile.open(path, mode="r|*") as tf:
+        for m in tf:
+            if m.isfile():
+                keys.add(base_plus_ext(m.name)[0])
+    return len(keys)
+
+
+def read_shard(path: str, errors: dict) -> Iterator[dict]:
+    """Raw samples {"__key__", ext: bytes} of one tar; read errors are counted and end the shard."""
+    key, sample = None, {}
+    try:
+        with open(path, "rb") as f:
+            for item in tar_file_iterator(f):  # webdataset's streaming tar reader
+                k, ext = base_plus_ext(item["fname"])
+                if k != key:
+                    if sample:
+                        yield sample
+                    key, sample = k, {"__key__": k}
+                sample[ext] = item["data"]
+    except (tarfile.TarError, OSError, EOFError) as e:
+        errors["shard_read_error"] = errors.get("shard_read_error", 0) + 1
+        errors["_last"] = f"{path}: {e}"
+        return  # a half-read last sample is dropped
+    if sample:
+        yield sample
+
+
+def source_samples(spec: StreamSpec, stream: int, epoch: int, k: int, skip: int, errors: dict,
+                   counts_cache: dict) -> Iterator[dict]:
+    """Raw samples of source k for this (stream, epoch), starting after `skip` raw samples."""
+    src = spec.sources[k]
+    empty_streak = 0
+    for seq_i, shard in enumerate(shard_sequence(spec, stream, epoch, k)):
+        if empty_streak > 2 * len(src.shards) + 8:  # cycling through shards that yield nothing would hang
+            raise RuntimeError(f"data loader rank {spec.rank} stream {stream}: source {src.name!r} yielded no sample "
+                               f"from {empty_streak} shards in a row (last error: {errors.get('_last')}); "
+                               f"check that its shards are readable token shards")
+        n = src.counts[shard]
+        if n is None:
+            n = counts_cache.setdefault(src.shards[shard], count_samples(src.shards[shard]))
+        if skip >= n:  # whole shard already consumed before the resume point: no I/O at all
+            skip -= n
+            continue
+        got = 0
+        for sample in _shuffled(spec, stream, epoch, k, seq_i, read_shard(src.shards[shard], errors), skip):
+            got += 1
+            yield sample
+        empty_streak = 0 if got else empty_streak + 1
+        skip = 0
+
+
+def _shuffled(spec: StreamSpec, stream: int, epoch: int, k: int, seq_i: int, it: Iterator[dict],
+              skip: int) -> Iterator[dict]:
+    """Permute the shard in blocks of spec.block samples (deterministically); drop the first `skip`."""
+    if spec.block <= 0:
+        for i, s in enumerate(it):
+            if i >= skip:
+                yield s
+        return
+    b = 0
+    while True:
+        block = [s for _, s in zip(range(spec.block), it)]
+        if not block:
+            return
+        if skip >= len(block):  # read but never decoded: skipping stays cheap
+            skip -= len(block)
+            b += 1
+            continue
+        order = _rng(spec.seed, spec.rank, stream, epoch, _BLOCK, k, seq_i, b).permutation(len(block))
+        for j in order[skip:]:
+            yield block[j]
+        skip, b = 0, b + 1
+
+
+class _Watch:
+    """Counts invalid samples, warns at most every few seconds, raises when nothing valid arrives."""
+
+    def __init__(self, spec: StreamSpec, stream: int, errors: dict):
+        self.spec, self.stream, self.errors = spec, stream, errors
+        self.consecutive, self.last_warn, self.warned_total = 0, 0.0, 0
+
+    def bad(self, reason: str, key: str) -> None:
+        self.errors[reason] = self.errors.get(reason, 0) + 1
+        self.errors["_last"] = f"{key}: {reason}"
+        self.consecutive += 1
+        if self.consecutive >= self.spec.max_consecutive_failures:
+            raise RuntimeError(
+                f"data loader rank {self.spec.rank} stream {self.stream}: {self.consecutive} consecutive samples "
+                f"were invalid or unreadable (counts {self._counts()}, last: {self.errors.get('_last')}); "
+                f"every sample is being filtered out — check the shard paths, the manifest and token_shape/num_classes")
+        now = time.monotonic()
+        if now - self.last_warn > self.spec.warn_every_s:
+            self.last_warn = now
+            log.warning("data loader rank %d stream %d: skipping invalid samples, counts so far %s (last: %s)",
+                        self.spec.rank, self.stream, self._counts(), self.errors.get("_last"))
+
+    def ok(self) -> None:
+        self.consecutive = 0
+
+    def _counts(self) -> dict:
+        return {k: v for k, v in self.errors.items() if not k.startswith("_")}
+
+
+def decode(spec: StreamSpec, raw: dict) -> tuple[Optional[dict], str]:
+    """Parse and validate one raw record → (numpy fields, "") or (None, reason). Never trusts the bytes."""
+    try:
+        if schema.IMAGE_TOKENS not in raw or schema.TEXT_TOKENS not in raw:
+            return None, "missing_member"
+        img = schema.load_npy(raw[schema.IMAGE_TOKENS])
+        txt = schema.load_npy(raw[schema.TEXT_TOKENS])
+        if img.shape != tuple(spec.token_shape) or img.dtype.kind not in "iu":
+            return None, "bad_image_tokens"
+        if txt.shape != (spec.context_length,) or txt.dtype.kind not in "iu":
+            return None, "bad_text_tokens"
+        lo, hi = int(img.min()), int(img.max())
+        if lo < 0 or hi >= spec.num_classes:  # ids from another tokenizer would silently corrupt training
+            return None, "token_out_of_range"
+        out = {"img": img, "txt": txt, "key": raw["__key__"],
+               "caption": raw.get(schema.CAPTION, b"").decode("utf-8", errors="replace")}
+        if spec.with_embeddings:
+            for name, k in (("image_emb", schema.IMAGE_EMB), ("text_emb", schema.TEXT_EMB)):
+                if k not in raw:
+                    return None, "missing_embedding"
+                e = schema.load_npy(raw[k])
+                if e.shape != (spec.embed_dim,) or not np.isfinite(e).all():
+                    return None, "bad_embedding"
+                out[name] = e
+        return out, ""
+    except (ValueError, TypeError) as e:
+        return None, f"undecodable:{type(e).__name__}"
+
+
+def collate(spec: StreamSpec, items: list[dict], drop: np.ndarray) -> dict:
+    """List of decoded records → the batch dict of docs/architecture.md ("Batches")."""
+    batch = {
+        "image_tokens": torch.from_numpy(np.stack([r["img"] for r in items]).astype(np.int64)),  # [B,h,w]
+        "text_tokens": torch.from_numpy(np.stack([r["txt"] for r in items]).astype(np.int64)),  # [B,77]
+        "drop_text": torch.from_numpy(drop),
+        "caption": [r["caption"] for r in items],
+        "key": [r["key"] for r in items],
+    }
+    if spec.with_embeddings:
+        batch["image_emb"] = torch.from_numpy(np.stack([r["image_emb"] for r in items]).astype(np.float32))
+        batch["text_emb"] = torch.from_numpy(np.stack([r["text_emb"] for r in items]).astype(np.float32))
+    return batch
+
+
+def mixed_raw(spec: StreamSpec, stream: int, epoch: int, src_pos: list[int], errors: dict) -> Iterator[dict]:
+    """Stage 1: weighted interleave of the sources' raw samples, each tagged with `_src_pos` after it."""
+    counts_cache: dict = {}
+    pos = list(src_pos)
+    iters = [source_samples(spec, stream, epoch, k, pos[k], errors, counts_cache) for k in range(len(spec.sources))]
+    mix = MixSchedule(spec, stream, epoch)
+    while True:
+        k = mix(sum(pos))
+        raw = next(iters[k])
+        pos[k] += 1
+        raw["_src_pos"] = list(pos)
+        yield raw
+
+
+def decoded(spec: StreamSpec, stream: int, errors: dict):
+    """Stage 2: decode/validate; invalid records are counted, warned about (rate-limited) and dropped."""
+    watch = _Watch(spec, stream, errors)
+
+    def stage(samples: Iterator[dict]) -> Iterator[dict]:
+        for raw in samples:
+            rec, reason = decode(spec, raw)
+            if rec is None:
+                watch.bad(reason, raw.get("__key__", "?"))
+                continue
+            watch.ok()
+            rec["_src_pos"] = raw["_src_pos"]
+            yield rec
+    return stage
+
+
+def batched(spec: StreamSpec, stream: int, epoch: int, first_batch: int, errors: dict):
+    """Stage 3: fixed-size batches with seeded caption dropout, tagged `_pos` = (stream, epoch, batch, src_pos)."""
+    def stage(records: Iterator[dict]) -> Iterator[dict]:
+        b = first_batch
+        while True:
+            items = [r for _, r in zip(range(spec.batch_size), records)]
+            if len(items) < spec.batch_size:
+                return
+            drop = _rng(spec.seed, spec.rank, stream, epoch, _DROP, b).random(spec.batch_size) < spec.caption_dropout
+            b += 1
+            batch = collate(spec, items, drop)
+            batch["_pos"] = (stream, epoch, b, items[-1]["_src_pos"])
+            batch["_errors"] = {k: v for k, v in errors.items() if not k.startswith("_")}
+            yield batch
+    return stage
+
+
+def epoch_pipeline(spec: StreamSpec, stream: int, start: Position, errors: dict):
+    """The WebDataset pipeline of one stream's (rest of an) epoch, as an explicit list of stages."""
+    import webdataset as wds
+
+    src_pos = list(start.src_pos) or [0] * len(spec.sources)
+    pipeline = [
+        partial(mixed_raw, spec, stream, start.epoch, src_pos, errors),  # resampled shards, weighted mix
+        decoded(spec, stream, errors),  # np.frombuffer records, validation, watchdog
+        batched(spec, stream, start.epoch, start.batch, errors),  # collate inside the worker
+        wds.slice(spec.batches_per_epoch - start.batch),  # same batch count on every rank and stream
+    ]
+    return wds.DataPipeline(*pipeline)
+
+
+def stream_batches(spec: StreamSpec, stream: int, start: Position) -> Iterator[dict]:
+    """Infinite batches of one stream from `start`, epoch after epoch."""
+    errors: dict = {}
+    pos = start
+    while True:
+        yield from epoch_pipeline(spec, stream, pos, errors)
+        pos = Position(pos.epoch + 1, 0, [0] * len(spec.sources))
