@@ -1,0 +1,68 @@
+"""Text → image tokens: binds the transformer and text encoder to the sampler in `diffusion/sampling.py`.
+
+Text features and the cross-attention K/V of the text and of the learned null text are computed
+once per run; with guidance each step is one batched forward over [cond; uncond].
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+
+from vqd_scale.config import SamplerConfig
+from vqd_scale.diffusion.discrete import MaskAndReplace
+from vqd_scale.diffusion.sampling import Denoise, sample
+from vqd_scale.models.text import FrozenCLIPTextEncoder
+from vqd_scale.models.transformer import ContextKV, VQDiffusionTransformer
+
+
+def stack_context_kv(cond: ContextKV, uncond: ContextKV) -> ContextKV:
+    """Per-layer [cond; uncond] K/V along the batch (uncond of batch 1 is broadcast to cond's)."""
+    B = cond[0][0].shape[0]
+    return tuple((torch.cat([kc, ku.expand(B, -1, -1, -1)]), torch.cat([vc, vu.expand(B, -1, -1, -1)]))
+                 for (kc, vc), (ku, vu) in zip(cond, uncond))
+
+
+def make_denoise(model: VQDiffusionTransformer, context: torch.Tensor, guided: bool,
+                 autocast_dtype: Optional[torch.dtype] = None) -> Denoise:
+    """`denoise(x_t, t) -> (log_p_cond, log_p_uncond | None)` over a fixed text context [B, L, Dc]."""
+    kv_cond = model.encode_context(context)
+    kv = stack_context_kv(kv_cond, model.encode_context(None, batch_size=1)) if guided else kv_cond
+    device_type = context.device.type
+    amp = (torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype is not None
+           else contextlib.nullcontext())
+
+    def denoise(x_t: torch.Tensor, t: torch.Tensor):
+        with amp:
+            if not guided:
+                return model(x_t, t, context_kv=kv).float(), None
+            out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), context_kv=kv).float()  # [2B, K, N]
+            return out.chunk(2)
+
+    return denoise
+
+
+@torch.inference_mode()
+def generate(model: VQDiffusionTransformer, text_encoder: FrozenCLIPTextEncoder, diffusion: MaskAndReplace,
+             text_tokens: torch.Tensor, cfg: SamplerConfig, generator: Optional[torch.Generator] = None,
+             autocast_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Long[B, N] image tokens for text tokens Long[B, 77], in chunks of `cfg.batch_size`."""
+    if diffusion.num_classes != model.num_classes:
+        raise ValueError(f"diffusion has K={diffusion.num_classes} codes but the model predicts "
+                         f"{model.num_classes}; build MaskAndReplace with model.cfg.num_classes")
+    if text_encoder.width != model.cfg.context_dim:
+        raise ValueError(f"text encoder width {text_encoder.width} != model.context_dim "
+                         f"{model.cfg.context_dim}; the model was trained with another text tower")
+    if cfg.batch_size < 1:
+        raise ValueError(f"sampler.batch_size must be >= 1, got {cfg.batch_size}")
+    model.eval()
+    device = next(model.parameters()).device
+    diffusion.to(device)
+    guided = cfg.guidance_scale != 1.0
+    out = []
+    for chunk in text_tokens.split(cfg.batch_size):
+        context = text_encoder(chunk.to(device)).to(next(model.parameters()).dtype)  # [b, 77, width]
+        denoise = make_denoise(model, context, guided, autocast_dtype)
+        out.append(sample(diffusion, denoise, chunk.shape[0], model.num_tokens, cfg, generator, device=device))
+    return torch.cat(out)
