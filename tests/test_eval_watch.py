@@ -1,0 +1,154 @@
+"""The eval watcher: each complete checkpoint evaluated exactly once, incomplete ones skipped,
+claims shared between concurrent evaluators, stale claims retaken, watch-mode exit conditions."""
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from vqd_scale.config import RunConfig, TransformerConfig, save_config
+from vqd_scale.eval import watch as W
+from vqd_scale.models.transformer import VQDiffusionTransformer
+from vqd_scale.train.checkpoint import load_weights
+
+MODEL_CFG = TransformerConfig(size="debug", num_classes=16, height=4, width=4, context_dim=32, layers=1)
+
+
+def make_ckpt(run_dir: Path, step: int, complete: bool = True, samples_seen: int = 0, seed: int = 0) -> Path:
+    """A checkpoint dir as the run-directory contract describes it: real tiny model's EMA weights,
+    config, and complete.json written last (omitted for an incomplete one)."""
+    torch.manual_seed(seed)
+    model = VQDiffusionTransformer(MODEL_CFG)
+    d = run_dir / "checkpoints" / f"step_{step:08d}"
+    d.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "ema.safetensors"))
+    (d / "config.yaml").write_text((run_dir / "config.yaml").read_text())
+    if complete:
+        (d / "complete.json").write_text(json.dumps({"step": step, "samples_seen": samples_seen, "world_size": 1}))
+    return d
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    save_config(RunConfig(max_samples=1000), tmp_path / "config.yaml")
+    return tmp_path
+
+
+def _evaluator(run_dir, calls):
+    """Loads the real weights (what the job does first) and writes the result file last."""
+    def evaluate(step, path):
+        sd = load_weights(path)
+        calls.append((step, float(sd["null_context"].sum())))
+        W.result_path(run_dir, step).write_text(json.dumps({"step": step}))
+    return evaluate
+
+
+def _run(run_dir, evaluate, **kw):
+    args = dict(watch=False, poll_seconds=1.0, idle_timeout=10.0, stale_seconds=3600.0)
+    args.update(kw)
+    return W.run(run_dir, evaluate, **args)
+
+
+def test_each_complete_checkpoint_once_incomplete_skipped(run_dir):
+    make_ckpt(run_dir, 200, seed=2)
+    make_ckpt(run_dir, 100, seed=1)
+    make_ckpt(run_dir, 300, complete=False, seed=3)
+    calls = []
+    assert _run(run_dir, _evaluator(run_dir, calls)) == [100, 200]
+    # The weights evaluated are the ones saved for that step (seed 1 then seed 2).
+    for (step, s), seed in zip(calls, (1, 2)):
+        torch.manual_seed(seed)
+        assert s == pytest.approx(float(VQDiffusionTransformer(MODEL_CFG).null_context.detach().sum()))
+    assert not list((run_dir / "eval").glob("*.lock"))
+    assert _run(run_dir, _evaluator(run_dir, calls)) == []  # second run: nothing new
+    (run_dir / "checkpoints" / "step_00000300" / "complete.json").write_text(json.dumps({"step": 300}))
+    assert _run(run_dir, _evaluator(run_dir, calls)) == [300]
+    assert [c[0] for c in calls] == [100, 200, 300]
+
+
+def test_failed_evaluation_leaves_step_pending(run_dir):
+    make_ckpt(run_dir, 100)
+
+    def boom(step, path):
+        raise RuntimeError("sampler exploded")
+    with pytest.raises(RuntimeError, match="exploded"):
+        _run(run_dir, boom)
+    assert not W.lock_path(run_dir, 100).exists() and [s for s, _ in W.pending(run_dir)] == [100]
+    calls = []
+    assert _run(run_dir, _evaluator(run_dir, calls)) == [100]
+
+
+def test_live_claim_is_respected_stale_claim_retaken(run_dir):
+    make_ckpt(run_dir, 100)
+    make_ckpt(run_dir, 200)
+    (run_dir / "eval").mkdir()
+    live = W._owner()  # this very process: alive
+    W.lock_path(run_dir, 100).write_text(json.dumps(live))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    W.lock_path(run_dir, 200).write_text(json.dumps({**live, "pid": int(dead.stdout), "slurm_job": None}))
+    calls = []
+    assert _run(run_dir, _evaluator(run_dir, calls)) == [200]  # 100 is another evaluator's, 200's owner is gone
+    old = {**live, "host": "elsewhere", "time": 0.0}
+    W.lock_path(run_dir, 100).write_text(json.dumps(old))  # a claim from another host, far too old
+    assert _run(run_dir, _evaluator(run_dir, calls)) == [100]
+
+
+def test_concurrent_claims_never_duplicate(run_dir):
+    for s in (100, 200, 300, 400):
+        make_ckpt(run_dir, s)
+    got, barrier = [], threading.Barrier(4)
+
+    def worker():
+        barrier.wait()
+        while (item := W.claim_next(run_dir, 3600.0)) is not None:
+            got.append(item[0])
+            W.result_path(run_dir, item[0]).write_text("{}")
+            W.release(run_dir, item[0])
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert sorted(got) == [100, 200, 300, 400]
+
+
+def test_watch_follows_training_until_final_checkpoint(run_dir):
+    make_ckpt(run_dir, 100, samples_seen=500)
+    script = iter([lambda: None, lambda: make_ckpt(run_dir, 200, complete=False, samples_seen=1000),
+                   lambda: (run_dir / "checkpoints/step_00000200/complete.json").write_text(
+                       json.dumps({"step": 200, "samples_seen": 1000}))])
+    sleeps = []
+
+    def sleep(s):  # each poll, "training" makes progress
+        sleeps.append(s)
+        next(script)()
+    calls = []
+    steps = _run(run_dir, _evaluator(run_dir, calls), watch=True, sleep=sleep, poll_seconds=7.0)
+    assert steps == [100, 200] and sleeps == [7.0] * 3  # final checkpoint (samples_seen >= max_samples) ends it
+    assert W.training_finished(run_dir)
+
+
+def test_watch_done_marker_and_idle_timeout(run_dir):
+    make_ckpt(run_dir, 100)
+    now = [0.0]
+
+    def sleep(s):
+        now[0] += s
+    calls = []
+    assert _run(run_dir, _evaluator(run_dir, calls), watch=True, sleep=sleep, clock=lambda: now[0],
+                idle_timeout=30.0, poll_seconds=10.0) == [100]
+    assert 30.0 < now[0] <= 40.0  # waited for new checkpoints, then gave up
+    (run_dir / W.DONE_MARKER).touch()
+    now[0] = 0.0
+    assert _run(run_dir, _evaluator(run_dir, calls), watch=True, sleep=sleep, clock=lambda: now[0]) == []
+    assert now[0] == 0.0  # DONE and nothing pending: no waiting at all
+
+
+def test_only_step(run_dir):
+    make_ckpt(run_dir, 100)
+    make_ckpt(run_dir, 200)
+    calls = []
+    assert _run(run_dir, _evaluator(run_dir, calls), only_step=200) == [200]
+    assert [s for s, _ in W.pending(run_dir)] == [100]

@@ -1,0 +1,172 @@
+"""Which checkpoints still need evaluating, claims so concurrent evaluators never duplicate work,
+and the polling loop of `vqd-eval --watch`.
+
+A checkpoint is *evaluated* when `RUN_DIR/eval/<step>.json` exists (written atomically last).
+Before evaluating, an evaluator *claims* the step by creating `eval/<step>.lock` with O_EXCL, so two
+watchers on a shared file system never evaluate the same step; a claim left by a dead evaluator
+(same host and its pid is gone, same SLURM job after a requeue, or older than `stale_seconds`) is
+retaken, which makes a restart idempotent. Pure file-system logic: the evaluation is a callback.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import yaml
+
+from vqd_scale.train.checkpoint import COMPLETE, list_complete
+
+log = logging.getLogger(__name__)
+
+EVAL_DIR = "eval"
+# Written by training when it finished for good; the watcher then exits once nothing is pending.
+DONE_MARKER = "DONE"
+
+
+def result_path(run_dir: str | os.PathLike, step: int) -> Path:
+    """`RUN_DIR/eval/<step>.json` (docs/architecture.md, Run directory)."""
+    return Path(run_dir) / EVAL_DIR / f"{step}.json"
+
+
+def lock_path(run_dir: str | os.PathLike, step: int) -> Path:
+    return Path(run_dir) / EVAL_DIR / f"{step}.lock"
+
+
+def pending(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints without a result, ascending; incomplete ones are never listed."""
+    return [(s, p) for s, p in list_complete(run_dir) if not result_path(run_dir, s).exists()]
+
+
+def _owner() -> dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
+            "time": time.time()}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _is_stale(owner: dict, stale_seconds: float) -> bool:
+    """A claim whose evaluator cannot still be running."""
+    me = _owner()
+    if owner.get("slurm_job") and owner.get("slurm_job") == me["slurm_job"] and owner.get("pid") != me["pid"]:
+        return True  # this SLURM job was requeued: the earlier attempt is gone
+    if owner.get("host") == me["host"] and not _pid_alive(int(owner.get("pid", -1))):
+        return True
+    return time.time() - float(owner.get("time", 0)) > stale_seconds
+
+
+def try_claim(run_dir: str | os.PathLike, step: int, stale_seconds: float) -> bool:
+    """Atomically claim `step` for this process; False if it is done or claimed by a live evaluator."""
+    lock = lock_path(run_dir, step)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):  # second round only after removing a stale claim
+        if result_path(run_dir, step).exists():
+            return False
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                owner = json.loads(lock.read_text() or "{}")
+            except (OSError, ValueError):
+                owner = {}  # being written right now, or garbage: judge by the file's age
+                owner["time"] = lock.stat().st_mtime if lock.exists() else 0
+            if not _is_stale(owner, stale_seconds):
+                return False
+            log.warning("retaking stale eval claim %s (owner %s)", lock, owner)
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(_owner(), f)
+        if result_path(run_dir, step).exists():  # finished between our check and the claim
+            lock.unlink(missing_ok=True)
+            return False
+        return True
+    return False
+
+
+def release(run_dir: str | os.PathLike, step: int) -> None:
+    lock_path(run_dir, step).unlink(missing_ok=True)
+
+
+def claim_next(run_dir: str | os.PathLike, stale_seconds: float,
+               only_step: Optional[int] = None) -> Optional[tuple[int, Path]]:
+    """Claim the oldest pending complete checkpoint (or exactly `only_step`); None if there is none."""
+    for step, path in pending(run_dir):
+        if only_step is not None and step != only_step:
+            continue
+        if try_claim(run_dir, step, stale_seconds):
+            return step, path
+    return None
+
+
+def training_finished(run_dir: str | os.PathLike) -> bool:
+    """Training will write no more checkpoints: a DONE marker, or the newest complete checkpoint
+    reached `max_samples` of the run's config (the loop always saves at the end)."""
+    run_dir = Path(run_dir)
+    if (run_dir / DONE_MARKER).exists():
+        return True
+    done = list_complete(run_dir)
+    cfg_file = run_dir / "config.yaml"
+    if not done or not cfg_file.is_file():
+        return False
+    try:
+        max_samples = int((yaml.safe_load(cfg_file.read_text()) or {}).get("max_samples", 0))
+        seen = int(json.loads((done[-1][1] / COMPLETE).read_text()).get("samples_seen", -1))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return False
+    return max_samples > 0 and seen >= max_samples
+
+
+def run(run_dir: str | os.PathLike, evaluate: Callable[[int, Path], Any], *, watch: bool,
+        poll_seconds: float, idle_timeout: float, stale_seconds: float, only_step: Optional[int] = None,
+        decide: Callable[[Callable[[], Any]], Any] = lambda f: f(), is_main: bool = True,
+        sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic) -> list[int]:
+    """Evaluate pending checkpoints once each; with `watch`, keep polling until training finished
+    and nothing is pending, or `idle_timeout` passes without work. Returns the steps evaluated here.
+
+    `decide(f)` runs the file-system decision `f` on one rank and hands its result to every rank
+    (torch.distributed broadcast); with one process it just calls `f`. `is_main` marks that rank.
+    """
+    done: list[int] = []
+    last_work = clock()
+
+    def next_action():
+        item = claim_next(run_dir, stale_seconds, only_step)
+        if item is not None:
+            return ("eval", item[0], str(item[1]))
+        if only_step is not None:
+            over = result_path(run_dir, only_step).exists()  # evaluated, here or by another evaluator
+        else:
+            over = training_finished(run_dir) and not pending(run_dir)
+        if not watch or over or clock() - last_work > idle_timeout:
+            return ("stop",)
+        return ("wait",)
+
+    while True:
+        action = decide(next_action)
+        if action[0] == "stop":
+            return done
+        if action[0] == "wait":
+            sleep(poll_seconds)
+            continue
+        step, path = action[1], Path(action[2])
+        try:
+            evaluate(step, path)
+        finally:
+            # Only the claimer removes the lock; on failure the step stays pending for the next run.
+            if is_main:
+                release(run_dir, step)
+        done.append(step)
+        last_work = clock()
