@@ -97,6 +97,25 @@ def test_q_posterior_matches_bruteforce_including_skip_steps(preset):
             assert torch.allclose(ours[:, n], ref, atol=1e-5), f"t={t} t_prev={s} x_t={i}"
 
 
+@pytest.mark.parametrize("preset", PRESETS)
+def test_p_sample_draws_from_q_posterior(preset):
+    """The two-stage draw (x̃0 ~ p̃, then x_s ~ q(x_s|x_t,x̃0)) has the q_posterior distribution."""
+    K, T, M = 4, 20, 40000
+    d = make(preset, K, T)
+    g = torch.Generator().manual_seed(6)
+    p0 = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    log_x0 = p0.log().view(1, K, 1).expand(1, K, M)
+    for (t, s) in [(10, 9), (19, 4), (3, -1), (0, -1)]:
+        for xt_val in (K, 1, 3):  # masked, and two codes with different p̃
+            x_t = torch.full((1, M), xt_val)
+            tt, ss = torch.tensor([t]), torch.tensor([s])
+            want = d.q_posterior(log_x0[:, :, :1], x_t[:, :1], tt, ss).exp().view(-1).double()
+            want = want / want.sum()
+            got = torch.bincount(d.p_sample(log_x0, x_t, tt, ss, g).view(-1), minlength=K + 1).double() / M
+            std = (want * (1 - want) / M).sqrt()
+            assert ((got - want).abs() <= 5 * std + 1e-4).all(), (t, s, xt_val, got, want)
+
+
 def test_q_posterior_rejects_bad_input():
     d = make("paper", 5, 10)
     log_p = torch.zeros(1, 4, 3)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from vqd_scale.config import DiscreteDiffusionConfig, SamplerConfig
-from vqd_scale.diffusion.discrete import LOG_EPS, MaskAndReplace, log_onehot
-from vqd_scale.diffusion.sampling import gumbel_argmax, guide, purity_counts, sample, timesteps, truncate
+from vqd_scale.diffusion.discrete import LOG_EPS, MaskAndReplace, log_onehot, sample_categorical
+from vqd_scale.diffusion.sampling import guide, purity_counts, sample, timesteps, truncate
 
 K, T = 6, 100
 
@@ -48,13 +48,13 @@ def test_full_sampling_recovers_fixed_x0(preset):
 def test_skip_step_visits_expected_timesteps():
     d = diffusion("paper")
     seen = []
-    orig = d.q_posterior
+    orig = d.p_sample
 
-    def spy(log_x0, x_t, t, t_prev=None):
+    def spy(log_x0, x_t, t, t_prev=None, generator=None):
         seen.append((int(t[0]), int(t_prev[0])))
-        return orig(log_x0, x_t, t, t_prev)
+        return orig(log_x0, x_t, t, t_prev, generator)
 
-    d.q_posterior = spy
+    d.p_sample = spy
     x0 = torch.randint(0, K, (2, 16), generator=torch.Generator().manual_seed(2))
     rec = Recorder(x0)
     out = sample(d, rec, 2, 16, SamplerConfig(steps=25), torch.Generator().manual_seed(3))
@@ -156,12 +156,25 @@ def test_same_seed_same_output():
     assert not torch.equal(run(12), run(13))
 
 
-def test_gumbel_argmax_distribution():
-    p = torch.tensor([0.1, 0.2, 0.7])
-    logits = (p.log() + 5.0).view(1, 3, 1).expand(1, 3, 30000)  # unnormalised on purpose
-    idx = gumbel_argmax(logits, torch.Generator().manual_seed(14))
-    freq = torch.bincount(idx.view(-1), minlength=3).float() / 30000
-    assert (freq - p).abs().max() < 5 * math.sqrt(0.25 / 30000)
+def test_sample_categorical_distribution():
+    p = torch.tensor([0.1, 0.0, 0.2, 0.7])
+    logits = (p.clamp(min=1e-45).log() + 50.0).view(1, 4, 1).expand(1, 4, 40000)  # unnormalised on purpose
+    idx = sample_categorical(logits, torch.Generator().manual_seed(14))
+    freq = torch.bincount(idx.view(-1), minlength=4).float() / 40000
+    assert freq[1] == 0  # a zero-probability code is never drawn
+    assert (freq - p).abs().max() < 5 * math.sqrt(0.25 / 40000)
+
+
+def test_truncation_matches_diffusers_pipeline():
+    from vqd_scale.compat import import_open_clip
+
+    import_open_clip()  # the pipeline module imports transformers → torchvision
+    from diffusers.pipelines.deprecated.vq_diffusion.pipeline_vq_diffusion import VQDiffusionPipeline
+
+    lp = torch.log_softmax(torch.randn(2, 40, 25, generator=torch.Generator().manual_seed(15)) * 2, 1)
+    for r in (0.5, 0.86, 0.99):
+        ref = VQDiffusionPipeline.truncate(None, lp, r)
+        assert torch.equal(truncate(lp, r) > LOG_EPS, ref > -torch.inf)
 
 
 def test_bad_denoise_shape_is_named():

@@ -146,6 +146,44 @@ class MaskAndReplace:
         out = torch.cat([codes, mask_row], dim=1)  # [B,K+1,N]
         return out.clamp_(LOG_EPS, 0.0)
 
+    def p_sample(self, log_x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+                 t_prev: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Draw x_s ~ p_θ(x_s | x_t) exactly, without the [B,K+1,N] posterior; Long[B,N].
+
+        p_θ(x_s | x_t) = Σ_{x̃0} q(x_s | x_t, x̃0) · p̃(x̃0) is a mixture with weights p̃, so a draw
+        is x̃0 ~ p̃ (one categorical over K) followed by x_s ~ q(x_s | x_t, x̃0), which has only four
+        distinct outcomes (see `posterior_sample`). Same distribution as sampling `q_posterior`.
+        """
+        s = t - 1 if t_prev is None else t_prev
+        return self.posterior_sample(sample_categorical(log_x0, generator), x_t, t, s, generator)
+
+    def posterior_sample(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
+                         generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Draw x_s ~ q(x_s | x_t, x0) ∝ q(x_t | x_s)·q(x_s | x0) per token (Long[B,N] each).
+
+        Unnormalised weights, with (α, β, γ) the s→t transition and bars the cumulative ones at s:
+          x_t = [MASK]: every code γ·β̄_s, plus γ·ᾱ_s on x0, and γ̄_s on [MASK];
+          x_t = code i: every code β·β̄_s, plus α·β̄_s on i, β·ᾱ_s on x0, α·ᾱ_s on i if i = x0.
+        One uniform per token picks the piece; inside the "every code" piece it also picks the code.
+        """
+        K = self.num_classes
+        alpha, beta, gamma = self._transition(s, t)
+        a_s, b_s, g_s = self._cum(s)
+        masked = x_t == self.mask_id
+        same = x_t == x0
+        dev = x_t.device
+        col = lambda v: v.to(dev).view(-1, 1)  # float64 [B] → [B,1]
+        per_code = torch.where(masked, col(gamma * b_s), col(beta * b_s))  # weight of each single code
+        w_xt = torch.where(masked, 0.0, col(alpha * b_s) + same * col(alpha * a_s))
+        w_x0 = torch.where(masked, col(gamma * a_s), col(beta * a_s))
+        w_mask = torch.where(masked, col(g_s), 0.0)
+        uniform = K * per_code
+        total = uniform + w_xt + w_x0 + w_mask
+        u = torch.rand(x_t.shape, dtype=torch.float64, device=dev, generator=generator) * total
+        out = torch.where(u < uniform, (u / per_code.clamp(min=1e-300)).long().clamp_(max=K - 1), x_t)
+        out = torch.where((u >= uniform + w_xt) & (u < uniform + w_xt + w_x0), x0, out)
+        return out.masked_fill_(u >= uniform + w_xt + w_x0, self.mask_id)  # only reachable when x_t is masked
+
     # ---------------------------------------------------------------- training loss
     def losses(self, log_x0_pred: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor,
                t: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -176,6 +214,18 @@ class MaskAndReplace:
         if x.numel() and (int(x.min()) < 0 or int(x.max()) >= hi):
             raise ValueError(f"{name} has token ids outside [0, {hi}); check the tokenizer's num_classes "
                              f"(K={self.num_classes}) matches the data")
+
+
+def sample_categorical(log_p: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Index along dim 1 of unnormalised log-probs F[B,K,N] → Long[B,N], by inverse CDF.
+
+    Needs one uniform per position instead of K Gumbel draws, which dominates the cost on CPU.
+    """
+    lp = log_p.transpose(1, 2)  # [B,N,K]; contiguous when it came from a [B,N,K] head
+    cdf = (lp - lp.amax(-1, keepdim=True)).exp_().contiguous().cumsum_(-1)  # [B,N,K]
+    u = torch.rand(cdf.shape[:-1] + (1,), device=cdf.device, generator=generator) * cdf[..., -1:]
+    # right=True: first k with cdf[k] > u, so a zero-probability code is never picked
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=log_p.shape[1] - 1)
 
 
 class ImportanceSampler:

@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import torch
 
 from vqd_scale.config import SamplerConfig
-from vqd_scale.diffusion.discrete import LOG_EPS, MaskAndReplace
+from vqd_scale.diffusion.discrete import LOG_EPS, MaskAndReplace, sample_categorical
 
 Denoise = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, Optional[torch.Tensor]]]
 
@@ -30,11 +30,16 @@ def purity_counts(num_tokens: int, steps: int) -> list[int]:
     return [b - a for a, b in zip(edges[:-1], edges[1:])]
 
 
-def guide(log_c: torch.Tensor, log_u: Optional[torch.Tensor], scale: float) -> torch.Tensor:
-    """Discrete CFG: log p_u + s·(log p_c − log p_u), renormalised over the K codes."""
+def guide(log_c: torch.Tensor, log_u: Optional[torch.Tensor], scale: float, normalise: bool = True) -> torch.Tensor:
+    """Discrete CFG: log p_u + s·(log p_c − log p_u), renormalised over the K codes.
+
+    `normalise=False` skips the logsumexp when only a draw is needed (sampling is shift-invariant).
+    """
     if log_u is None:
         return log_c
     out = torch.lerp(log_u, log_c, scale)  # log_u + s·(log_c − log_u)
+    if not normalise:
+        return out
     return (out - out.logsumexp(1, keepdim=True)).clamp_(min=LOG_EPS)
 
 
@@ -53,12 +58,6 @@ def truncate(log_p: torch.Tensor, rate: float) -> torch.Tensor:
     return log_p.masked_fill(~keep, LOG_EPS)
 
 
-def gumbel_argmax(logits: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """Sample index along dim 1 of unnormalised log-probs: argmax(logits + Gumbel) = argmax(logits − log E)."""
-    noise = torch.empty_like(logits).exponential_(generator=generator).log_()
-    return (logits - noise).argmax(1)
-
-
 def _purity_step(x: torch.Tensor, log_x0: torch.Tensor, count: int, temperature: float, mask_id: int,
                  generator: Optional[torch.Generator]) -> torch.Tensor:
     """Fill `count` masked positions, chosen ∝ purity = max_j p̃(j); filled tokens stay."""
@@ -71,7 +70,7 @@ def _purity_step(x: torch.Tensor, log_x0: torch.Tensor, count: int, temperature:
         # softmax((1 + r·purity)·log p̃); the choice of positions below is scale-free anyway.
         score = purity / purity.max(1, keepdim=True).values.clamp(min=1e-10)
         log_x0 = ((1 + temperature * score).unsqueeze(1) * log_x0).log_softmax(1)
-    tokens = gumbel_argmax(log_x0, generator)  # [B,N]
+    tokens = sample_categorical(log_x0, generator)  # [B,N]
     # tiny floor: a masked position must stay drawable even if its purity underflows
     weights = torch.where(masked, purity + 1e-12, 0.0)
     pos = torch.multinomial(weights, count, replacement=False, generator=generator)  # [B,count]
@@ -96,9 +95,10 @@ def sample(diffusion: MaskAndReplace, denoise: Denoise, batch_size: int, num_tok
            device=None) -> torch.Tensor:
     """Generate Long[B,N] tokens from all-[MASK], visiting `timesteps(T, cfg.steps)`.
 
-    Each step: net at t → guidance → truncation → either the posterior toward the next visited t
-    (t_prev = −1 after the last, i.e. sample x0 from p̃) or, with `cfg.purity`, a fixed number of
-    positions filled from p̃. Noise comes only from `generator` (its device is the sampling device).
+    Each step: net at t → guidance → truncation → either a draw from p_θ(x_{t_prev} | x_t) toward the
+    next visited t (`MaskAndReplace.p_sample`; after the last, x0 straight from p̃) or, with
+    `cfg.purity`, a fixed number of positions filled from p̃. Noise comes only from `generator`
+    (its device is the sampling device).
     """
     T, K = diffusion.num_timesteps, diffusion.num_classes
     check_sampler_config(cfg, T)
@@ -114,12 +114,13 @@ def sample(diffusion: MaskAndReplace, denoise: Denoise, batch_size: int, num_tok
         if log_c.shape != (batch_size, K, num_tokens):
             raise ValueError(f"denoise returned {tuple(log_c.shape)}; expected log-probs "
                              f"[B={batch_size}, K={K}, N={num_tokens}]")
-        log_x0 = truncate(guide(log_c, log_u, cfg.guidance_scale), cfg.truncation_rate)
+        # normalised probabilities are only needed by truncation and purity
+        exact = cfg.truncation_rate < 1.0 or cfg.purity
+        log_x0 = truncate(guide(log_c, log_u, cfg.guidance_scale, normalise=exact), cfg.truncation_rate)
         if cfg.purity:
             x = _purity_step(x, log_x0, counts[i], cfg.purity_temperature, K, generator)
         elif t_prev < 0:
-            x = gumbel_argmax(log_x0, generator)  # posterior toward x0 is p̃ itself
+            x = sample_categorical(log_x0, generator)  # the posterior toward x0 is p̃ itself
         else:
-            log_prev = diffusion.q_posterior(log_x0, x, t_vec, torch.full_like(t_vec, t_prev))
-            x = gumbel_argmax(log_prev, generator)
+            x = diffusion.p_sample(log_x0, x, t_vec, torch.full_like(t_vec, t_prev), generator)
     return x
