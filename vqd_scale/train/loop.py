@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from vqd_scale.config import RunConfig, save_config, to_dict
 from vqd_scale.tasks import build_task
@@ -26,6 +26,7 @@ from vqd_scale.train.lr_schedule import lr_at, set_lr
 from vqd_scale.train.metrics import MetricsLogger, peak_flops, peak_memory_mb
 from vqd_scale.train.signals import EXIT_PREEMPTED, StopFlag
 
+TEXT_FILE = "text_encoder.safetensors"  # frozen text tower weights when text.pretrained is unset
 KILL_ENV = "VQD_TEST_KILL_AT_STEP"  # test hook: SIGKILL this process right after that step is logged
 
 
@@ -94,13 +95,20 @@ def run(cfg: RunConfig, resume: Optional[str] = None, init_from: Optional[str] =
         check_checkpoint_compatible(cfg, ckpt)
     D.init_distributed(env)
     device = D.device_for(env)
-    _seed_all(cfg.seed + env.rank)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
+    # Same seed on every rank while building: a random-init frozen text tower must be identical on all
+    # ranks, and ZeRO-3 partitions each rank's own initial copy (no broadcast from rank 0).
+    _seed_all(cfg.seed)
     task = build_task(cfg, device)
+    _seed_all(cfg.seed + env.rank)  # per-rank randomness (dropout) from here on
+    text = getattr(task, "text", None)
+    if env.is_main and text is not None and not cfg.text.pretrained:
+        # Random-init text tower (tests/demo): readers of the run dir load it from here.
+        save_file({k: v.contiguous() for k, v in text.state_dict().items()}, str(run_dir / TEXT_FILE))
     trainer_saved = ckpt_io.load_trainer_state(ckpt) if ckpt is not None else None
     same_world = trainer_saved is not None and trainer_saved["world_size"] == env.world_size
     if trainer_saved is not None and not same_world:
@@ -119,7 +127,9 @@ def run(cfg: RunConfig, resume: Optional[str] = None, init_from: Optional[str] =
     ema.init_from(engine.module)
 
     from vqd_scale.data.loader import build_loader
-    loader = build_loader(cfg.data, rank=env.rank, world_size=env.world_size)
+    # Caption dropout (for classifier-free guidance) is drawn by the loader so it resumes exactly.
+    dropout = cfg.diffusion.caption_dropout if cfg.task == "vqd" else cfg.shifted.text_dropout
+    loader = build_loader(cfg.data, rank=env.rank, world_size=env.world_size, caption_dropout=dropout)
     state = TrainState()
     if trainer_saved is not None:
         state = TrainState(trainer_saved["step"], trainer_saved["samples_seen"])
