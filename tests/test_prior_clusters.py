@@ -1,0 +1,94 @@
+"""tools/fit_prior_clusters.py over real WebDataset token shards: recovers known clusters, records the data."""
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from vqd_scale.data import schema
+from vqd_scale.data.clusters import load_clusters
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+import fit_prior_clusters  # noqa: E402
+
+E = 8
+
+
+def _write_shards(root: Path, emb: np.ndarray, per_shard: int, with_emb: bool = True) -> str:
+    n_shards = (len(emb) + per_shard - 1) // per_shard
+    for s in range(n_shards):
+        with wds.TarWriter(str(root / f"{s:05d}.tar")) as w:
+            for i in range(s * per_shard, min(len(emb), (s + 1) * per_shard)):
+                w.write(schema.encode_record(f"{i:08d}", np.zeros((2, 2)), np.zeros(77), f"caption {i}", {},
+                                             image_emb=emb[i] if with_emb else None))
+    return str(root / f"{{00000..{n_shards - 1:05d}}}.tar")
+
+
+@pytest.fixture(scope="module")
+def truth():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, E)) * 4.0
+    stds = rng.uniform(0.2, 0.6, size=(3, E))
+    lab = rng.integers(0, 3, size=900)
+    emb = (centres[lab] + stds[lab] * rng.normal(size=(900, E))).astype(np.float16)
+    return centres, stds, lab, emb
+
+
+def test_fit_recovers_known_clusters_and_records_manifest(tmp_path, truth):
+    centres, stds, lab, emb = truth
+    pattern = _write_shards(tmp_path, emb, per_shard=250)
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"format": schema.FORMAT, "tokenizer_id": "vq-test-abc"}))
+    out = tmp_path / "clusters.safetensors"
+    assert fit_prior_clusters.main(["--shards", pattern, "--manifest", str(manifest), "--k", "3",
+                                    "--out", str(out), "--chunk", "100"]) == 0
+    cl = load_clusters(out)
+    assert cl["means"].shape == (3, E) and cl["stds"].shape == (3, E)
+    # match fitted components to the true ones by nearest mean
+    order = torch.cdist(torch.tensor(centres, dtype=torch.float32), cl["means"]).argmin(1)
+    assert sorted(order.tolist()) == [0, 1, 2]
+    e = emb.astype(np.float64)
+    for c in range(3):
+        members = e[lab == c]
+        torch.testing.assert_close(cl["means"][order[c]], torch.tensor(members.mean(0), dtype=torch.float32),
+                                   rtol=0, atol=1e-3)
+        torch.testing.assert_close(cl["stds"][order[c]], torch.tensor(members.std(0), dtype=torch.float32),
+                                   rtol=1e-3, atol=1e-3)
+        assert int(cl["counts"][order[c]]) == int((lab == c).sum())
+    meta = cl["metadata"]
+    assert meta["manifest_sha256"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
+    assert meta["tokenizer_id"] == "vq-test-abc" and meta["shards"] == pattern and meta["k"] == "3"
+
+
+def test_singleton_clusters_never_get_zero_std(tmp_path):
+    emb = np.concatenate([np.zeros((50, E)), np.full((1, E), 100.0)]).astype(np.float16)
+    emb[:50] += np.random.default_rng(1).normal(size=(50, E)).astype(np.float16)
+    pattern = _write_shards(tmp_path, emb, per_shard=60)
+    out = tmp_path / "c.safetensors"
+    fit_prior_clusters.main(["--shards", pattern, "--k", "2", "--out", str(out)])
+    cl = load_clusters(out)
+    assert (cl["stds"] > 0).all()
+    single = int(cl["counts"].argmin())
+    assert int(cl["counts"][single]) == 1 and cl["stds"][single].min() > 1.0  # the global std, not 0
+
+
+def test_clear_errors(tmp_path, truth):
+    emb = truth[3][:20]
+    no_emb = _write_shards(tmp_path, emb, per_shard=20, with_emb=False)
+    with pytest.raises(ValueError, match="img.emb.npy"):
+        fit_prior_clusters.main(["--shards", no_emb, "--k", "2", "--out", str(tmp_path / "x.safetensors")])
+    (tmp_path / "b").mkdir()
+    few = _write_shards(tmp_path / "b", emb, per_shard=20)
+    with pytest.raises(ValueError, match="fewer components"):
+        fit_prior_clusters.main(["--shards", few, "--k", "50", "--out", str(tmp_path / "x.safetensors")])
+    with pytest.raises(FileNotFoundError, match="shard"):
+        fit_prior_clusters.main(["--shards", str(tmp_path / "nope_{0..1}.tar"), "--k", "2",
+                                 "--out", str(tmp_path / "x.safetensors")])
+    with pytest.raises(FileNotFoundError, match="fit_prior_clusters"):
+        load_clusters(tmp_path / "missing.safetensors")
+

@@ -1,0 +1,138 @@
+"""Mixture initialisation for the shifted prior: streaming k-means over token shards' image embeddings.
+
+Pass 1 fits centres with scikit-learn's `MiniBatchKMeans.partial_fit` on fixed-size chunks (memory
+stays O(chunk) however many shards); pass 2 assigns every embedding to its nearest centre and
+accumulates count / sum / sum of squares per cluster in float64, giving each component's mean and
+per-dim std with respect to the final assignment. Stds are floored (never zero: a zero std made the
+released sampler deterministic, issue #12), and clusters with < 2 members get the global std.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+
+from vqd_scale.data import schema
+
+FORMAT = "vqd-prior-clusters/1"
+MIN_STD_FRACTION = 1e-2  # floor per-dim stds at this fraction of the global per-dim std
+
+
+def iter_image_embeddings(shards: str, chunk: int) -> Iterator[np.ndarray]:
+    """float32 [≤chunk, E] arrays of `img.emb.npy` over the shards (braceexpand pattern), in order."""
+    import braceexpand
+    import webdataset as wds
+
+    urls = [u for part in shards.split("::") for u in braceexpand.braceexpand(part)]
+    if not urls:
+        raise ValueError(f"no shards match {shards!r}")
+    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).exists()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} shard(s) not found, e.g. {missing[0]}; check --shards")
+    buf: list[np.ndarray] = []
+    ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
+    for rec in ds:
+        if schema.IMAGE_EMB not in rec:
+            raise ValueError(f"record {rec.get('__key__')} in {rec.get('__url__')} has no {schema.IMAGE_EMB}; "
+                             "re-extract the shards with image embeddings (vqd-extract with embeddings on)")
+        buf.append(schema.load_npy(rec[schema.IMAGE_EMB]).astype(np.float32))
+        if len(buf) == chunk:
+            yield np.stack(buf)
+            buf = []
+    if buf:
+        yield np.stack(buf)
+
+
+def fit_clusters(chunks: Callable[[], Iterable[np.ndarray]], k: int, seed: int = 0,
+                 max_samples: Optional[int] = None) -> dict[str, torch.Tensor]:
+    """{means [k,E], stds [k,E], counts [k]} from two passes over `chunks()` (each call restarts the stream)."""
+    from sklearn.cluster import MiniBatchKMeans
+
+    if k < 1:
+        raise ValueError(f"k={k}: need at least one component")
+    km = MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=3, batch_size=max(1024, 3 * k))
+    # the first partial_fit initialises the centres (k-means++ on that batch): give it >= 3k points
+    pending: list[np.ndarray] = []
+    fitted = False
+    for x in _limit(chunks(), max_samples):
+        pending.append(x)
+        if not fitted and sum(len(p) for p in pending) < 3 * k:
+            continue
+        km.partial_fit(np.concatenate(pending))
+        fitted, pending = True, []
+    if pending:
+        total = sum(len(p) for p in pending)
+        if not fitted and total < k:
+            raise ValueError(f"only {total} embeddings for k={k} components; use fewer components or more shards")
+        km.partial_fit(np.concatenate(pending))
+    centres = km.cluster_centers_
+    E = centres.shape[1]
+    n, s, ss = np.zeros(k, np.int64), np.zeros((k, E)), np.zeros((k, E))
+    for x in _limit(chunks(), max_samples):
+        if x.shape[1] != E:
+            raise ValueError(f"embedding width changed from {E} to {x.shape[1]} within the shards")
+        lab = km.predict(x)
+        n += np.bincount(lab, minlength=k)
+        np.add.at(s, lab, x)
+        np.add.at(ss, lab, x.astype(np.float64) ** 2)
+    total = n.sum()
+    g_mean = s.sum(0) / total
+    g_std = np.sqrt(np.maximum(ss.sum(0) / total - g_mean ** 2, 0.0))
+    floor = np.maximum(MIN_STD_FRACTION * g_std, 1e-6)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = np.where(n[:, None] > 0, s / np.maximum(n, 1)[:, None], centres)
+        var = ss / np.maximum(n, 1)[:, None] - means ** 2
+    stds = np.where(n[:, None] >= 2, np.sqrt(np.maximum(var, 0.0)), g_std[None])
+    stds = np.maximum(stds, floor[None])
+    return {"means": torch.from_numpy(means).float(), "stds": torch.from_numpy(stds).float(),
+            "counts": torch.from_numpy(n)}
+
+
+def _limit(chunks: Iterable[np.ndarray], max_samples: Optional[int]) -> Iterator[np.ndarray]:
+    left = max_samples
+    for x in chunks:
+        if left is not None:
+            if left <= 0:
+                return
+            x = x[:left]
+            left -= len(x)
+        yield x
+
+
+def manifest_identity(manifest: Optional[str]) -> dict[str, str]:
+    """What identifies the data the clusters came from: the manifest's sha256 and tokenizer id."""
+    if manifest is None:
+        return {}
+    p = Path(manifest)
+    p = p / schema.MANIFEST if p.is_dir() else p
+    m = schema.read_manifest(p)
+    return {"manifest": str(p), "manifest_sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
+            "tokenizer_id": str(m.get("tokenizer_id", ""))}
+
+
+def save_clusters(path: str | Path, clusters: dict[str, torch.Tensor], metadata: dict) -> None:
+    """Write means/stds/counts to .safetensors; metadata values are stored as strings."""
+    meta = {"format": FORMAT, "k": str(len(clusters["means"])), "embed_dim": str(clusters["means"].shape[1])}
+    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: clusters[k].contiguous() for k in ("means", "stds", "counts")}, str(path), metadata=meta)
+
+
+def load_clusters(path: str | Path) -> dict:
+    """{means, stds, counts, metadata} from a file written by `save_clusters`; checks the format."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"clusters file {path} not found; fit it with tools/fit_prior_clusters.py "
+                                "or unset shifted.clusters")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}; refit with tools/fit_prior_clusters.py")
+    out = dict(load_file(str(path)))
+    out["metadata"] = meta
+    return out
