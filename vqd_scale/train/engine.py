@@ -48,14 +48,16 @@ def ds_config(cfg: DeepSpeedConfig, optim: OptimConfig, micro_batch: int, world_
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay matrices; no decay for biases, norms, embeddings and the null context."""
+    """AdamW groups: decay weight matrices; no decay for biases, norms, embedding tables, null context."""
+    # Embedding tables and the learned null text are lookups: decay would shrink rarely used rows.
+    no_decay_types = (nn.Embedding, nn.LayerNorm, nn.GroupNorm)
     decay, no_decay = [], []
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        # Embeddings and the learned null text are lookup tables: decaying them shrinks rarely used rows.
-        is_table = name.endswith("emb.weight") or "null_context" in name or ".emb." in name
-        (decay if p.dim() >= 2 and not is_table else no_decay).append(p)
+    for mod in module.modules():
+        for name, p in mod.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            skip = isinstance(mod, no_decay_types) or p.dim() < 2 or name == "null_context"
+            (no_decay if skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 

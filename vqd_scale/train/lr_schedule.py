@@ -16,7 +16,7 @@ def lr_at(samples_seen: int, cfg: OptimConfig, total_samples: int) -> float:
     """Learning rate after `samples_seen` samples (over all ranks)."""
     if cfg.warmup_samples > 0 and samples_seen < cfg.warmup_samples:
         # +1 so the very first step does not run at lr = 0 (a wasted step).
-        return cfg.lr * (samples_seen + 1) / (cfg.warmup_samples + 1)
+        return cfg.lr * min(1.0, (samples_seen + 1) / cfg.warmup_samples)
     if cfg.decay == "constant":
         return cfg.lr
     span = max(total_samples - cfg.warmup_samples, 1)

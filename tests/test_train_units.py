@@ -1,0 +1,155 @@
+"""Training-engine pieces without a process group: env detection, LR in samples, DeepSpeed config,
+EMA maths, checkpoint selection/retention, model-size refusal, signals, config refusal by the CLI."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from vqd_scale.config import DeepSpeedConfig, OptimConfig
+from vqd_scale.train import checkpoint as C
+from vqd_scale.train.distributed import detect_env
+from vqd_scale.train.ema import EMA
+from vqd_scale.train.engine import ds_config, param_groups, resolve_precision
+from vqd_scale.train.lr_schedule import lr_at
+from vqd_scale.train.signals import StopFlag
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "tiny.yaml")
+
+
+def test_env_torchrun_slurm_and_single():
+    assert detect_env({}).world_size == 1 and detect_env({}).launcher == "single"
+    tr = detect_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "h0", "MASTER_PORT": "1234"})
+    assert (tr.rank, tr.local_rank, tr.world_size, tr.master_addr, tr.master_port) == (3, 1, 4, "h0", 1234)
+    # srun: no torchrun variables; a plain single-host nodelist needs no scontrol.
+    sl = detect_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
+                     "SLURM_JOB_NODELIST": "gpu-a17", "SLURM_JOB_ID": "123"})
+    assert (sl.rank, sl.local_rank, sl.world_size, sl.master_addr, sl.launcher) == (5, 1, 8, "gpu-a17", "slurm")
+    assert sl.master_port == 29500 + 123
+    # torchrun inside srun: torchrun's variables describe the worker processes.
+    both = detect_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "RANK": "1", "WORLD_SIZE": "2"})
+    assert (both.rank, both.world_size, both.launcher) == (1, 2, "torchrun")
+    with pytest.raises(ValueError, match="outside world size"):
+        detect_env({"RANK": "4", "WORLD_SIZE": "4"})
+
+
+def test_lr_depends_on_samples_only():
+    cfg = OptimConfig(lr=1e-3, warmup_samples=1000, decay="cosine", min_lr_ratio=0.1)
+    assert lr_at(0, cfg, 10_000) < 2e-6  # warm-up starts near 0
+    assert lr_at(999, cfg, 10_000) == pytest.approx(1e-3)
+    assert lr_at(1000, cfg, 10_000) == pytest.approx(1e-3)
+    assert lr_at(5500, cfg, 10_000) == pytest.approx(0.55e-3)  # cosine midpoint: floor + half the range
+    assert lr_at(10_000, cfg, 10_000) == pytest.approx(1e-4) == lr_at(50_000, cfg, 10_000)
+    lin = OptimConfig(lr=1e-3, warmup_samples=0, decay="linear", min_lr_ratio=0.0)
+    assert lr_at(2500, lin, 10_000) == pytest.approx(0.75e-3)
+    # 8 GPUs × 4 samples after 100 steps = 2 GPUs × 4 samples after 400 steps: same lr.
+    assert lr_at(8 * 4 * 100, cfg, 10_000) == lr_at(2 * 4 * 400, cfg, 10_000)
+
+
+def test_ds_config_and_param_groups():
+    conf = ds_config(DeepSpeedConfig(zero_stage=3, grad_accum=4), OptimConfig(grad_clip=0.5), micro_batch=8,
+                     world_size=2, precision="fp32")
+    assert conf["zero_optimization"]["stage"] == 3 and conf["gradient_clipping"] == 0.5
+    assert conf["train_batch_size"] == 8 * 4 * 2 and conf["gradient_accumulation_steps"] == 4
+    assert not conf["bf16"]["enabled"]
+    assert resolve_precision(DeepSpeedConfig(precision="auto"), torch.device("cpu")) == "fp32"
+    with pytest.raises(ValueError, match="needs a GPU"):
+        resolve_precision(DeepSpeedConfig(precision="bf16"), torch.device("cpu"))
+    with pytest.raises(ValueError, match="zero_stage >= 1"):
+        ds_config(DeepSpeedConfig(zero_stage=0, offload_optimizer=True), OptimConfig(), 1, 1, "fp32")
+    m = nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 4), nn.LayerNorm(4))
+    decay, no_decay = param_groups(m, 0.05)
+    assert decay["weight_decay"] == 0.05 and [p.shape for p in decay["params"]] == [torch.Size([4, 4])]
+    assert len(no_decay["params"]) == 4 and no_decay["weight_decay"] == 0.0  # emb, bias, LN w+b
+
+
+def test_ema_matches_formula_and_schedule():
+    torch.manual_seed(0)
+    m = nn.Linear(3, 2)
+    ema = EMA(decay=0.9, every=2, keep=True)
+    ema.init_from(m)
+    w0 = m.weight.detach().clone()
+    with torch.no_grad():
+        m.weight.add_(1.0)
+    assert not ema.maybe_update(m, step=1)  # only every 2nd step
+    assert torch.equal(ema.state_dict()["weight"], w0)
+    assert ema.maybe_update(m, step=2)
+    torch.testing.assert_close(ema.state_dict()["weight"], 0.9 * w0 + 0.1 * (w0 + 1.0))
+    other = EMA(0.9, 2, keep=False)  # non-zero ranks hold nothing
+    other.init_from(m)
+    with pytest.raises(RuntimeError, match="rank 0"):
+        other.state_dict()
+    with pytest.raises(ValueError, match="shape"):
+        ema.load_state_dict({"weight": torch.zeros(5, 5), "bias": torch.zeros(2)}, torch.device("cpu"))
+
+
+def _fake_ckpt(run, step, complete=True):
+    d = run / C.CKPT_DIR / C.ckpt_name(step)
+    d.mkdir(parents=True)
+    (d / "shard.pt").write_bytes(b"x")
+    if complete:
+        (d / C.COMPLETE).write_text(json.dumps({"step": step}))
+    return d
+
+
+def test_list_resume_prune(tmp_path):
+    assert C.list_complete(tmp_path) == [] and C.resolve_resume(tmp_path, "auto") is None
+    for s in (10, 20, 30, 40):
+        _fake_ckpt(tmp_path, s)
+    _fake_ckpt(tmp_path, 25, complete=False)
+    _fake_ckpt(tmp_path, 50, complete=False)  # newest, but interrupted mid-save
+    assert [s for s, _ in C.list_complete(tmp_path)] == [10, 20, 30, 40]
+    assert C.resolve_resume(tmp_path, "auto").name == "step_00000040"
+    assert C.resolve_resume(tmp_path, "none") is None
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        C.resolve_resume(tmp_path, str(tmp_path / "checkpoints" / "step_00000050"))
+    C.prune(tmp_path, keep_last=2, milestone_every=20)
+    left = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    # keep 30, 40 (last 2) + 20, 40 (milestones); 25 is a dead incomplete save; 50 may still be finishing.
+    assert left == ["step_00000020", "step_00000030", "step_00000040", "step_00000050"]
+
+
+def test_other_model_size_refused():
+    saved = {"size": "debug", "layers": None, "num_classes": 64}
+    C.check_same_model(saved, dict(saved, activation_checkpointing=True), "ck")  # a memory switch, same model
+    with pytest.raises(ValueError, match=r"model.size: checkpoint 'debug' vs config 'S'"):
+        C.check_same_model(saved, dict(saved, size="S"), "ck")
+
+
+def test_stop_flag_catches_preemption_signals():
+    flag = StopFlag().install()
+    try:
+        assert not flag.raised
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert flag.raised and flag.signum == signal.SIGUSR2
+        os.kill(os.getpid(), signal.SIGTERM)  # the first signal is kept; no exit from inside the handler
+        assert flag.signum == signal.SIGUSR2
+    finally:
+        flag.restore()
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("optim.lr=-1", "optim.lr"),
+    ("optim.bogus=1", "bogus"),
+    ("checkpoint.keep_last=0", "checkpoint.keep_last"),
+])
+def test_cli_refuses_bad_values(override, needle, tmp_path, capsys):
+    from vqd_scale.cli.train import main
+    assert main([TINY, override, f"run_dir={tmp_path}/run"]) == 2
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_refuses_bad_config_before_process_group(tmp_path):
+    env = dict(os.environ, RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
+    # WORLD_SIZE=2 with nobody else: if a process group were started this would hang (timeout fails it).
+    r = subprocess.run([sys.executable, "-m", "vqd_scale.cli.train", TINY, "deepspeed.zero_stage=5",
+                        f"run_dir={tmp_path}/run"], capture_output=True, text=True, timeout=60,
+                       cwd=REPO, env=env)
+    assert r.returncode == 2 and "deepspeed.zero_stage" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
