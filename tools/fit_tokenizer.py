@@ -7,18 +7,10 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
 import torch
 
-from vqd_scale.data.synthetic import SyntheticSpec, make_sample
+from vqd_scale.data.synthetic import synthetic_images
 from vqd_scale.models.vqvae import KMeansTokenizer
-
-
-def synthetic_images(n: int, resolution: int, seed: int, two_object_prob: float) -> torch.Tensor:
-    """n synthetic images F[n,3,R,R] in [-1,1] (shard id 10**6 so they differ from training shards)."""
-    spec = SyntheticSpec(resolution=resolution, seed=seed, two_object_prob=two_object_prob)
-    arr = np.stack([np.asarray(make_sample(spec, 10**6, i)[0]) for i in range(n)])  # [n,R,R,3] uint8
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 def main(argv=None) -> None:

@@ -88,6 +88,16 @@ def make_sample(spec: SyntheticSpec, shard: int, index: int) -> tuple[Image.Imag
     return render(scene, spec.resolution, rng), caption_of(scene), scene
 
 
+def synthetic_images(n: int, resolution: int, seed: int = 0, two_object_prob: float = 0.0,
+                     shard: int = 10**6) -> "torch.Tensor":
+    """n images F[n,3,R,R] in [-1,1] (default shard id 10**6, so they differ from written training shards)."""
+    import torch
+
+    spec = SyntheticSpec(resolution=resolution, seed=seed, two_object_prob=two_object_prob)
+    arr = np.stack([np.asarray(make_sample(spec, shard, i)[0]) for i in range(n)])  # [n,R,R,3] uint8
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
 def write_shards(out_dir: str | Path, spec: SyntheticSpec, shard_ids: Optional[Iterable[int]] = None) -> list[Path]:
     """Write img2dataset-format shards `{00000..}.tar` (+ `_stats.json`) into out_dir; returns tar paths."""
     import webdataset as wds

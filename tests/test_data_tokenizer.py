@@ -1,0 +1,116 @@
+"""Image tokenizers: diffusers VQModel as the oracle for encode/decode, pruning map, ids, save/load, k-means demo quality."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from vqd_scale.compat import import_open_clip
+from vqd_scale.models.vqvae import ImageTokenizer, KMeansTokenizer, VQModelTokenizer
+
+import_open_clip()  # diffusers imports torchvision; compat makes that work on CPU torch
+from diffusers import VQModel  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def vq_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    model = VQModel(block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                    up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+                    num_vq_embeddings=64, norm_num_groups=8, sample_size=16)
+    d = tmp_path_factory.mktemp("vq")
+    model.save_pretrained(str(d))
+    return d
+
+
+def images(n=3, size=16, seed=0):
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_vqmodel_matches_diffusers(vq_dir):
+    tok = ImageTokenizer.load(vq_dir)  # a bare diffusers directory works (identity map)
+    model = VQModel.from_pretrained(str(vq_dir)).eval()
+    x = images()
+    with torch.no_grad():
+        lat = model.encode(x).latents
+        _, _, (_, _, ref_ids) = model.quantize(lat)
+        ref_img = model.decode(lat).sample  # diffusers quantises then decodes
+    ids = tok.encode(x)
+    assert ids.shape == (3, 8, 8) and tok.num_classes == 64
+    assert torch.equal(ids.flatten(), ref_ids.flatten())
+    torch.testing.assert_close(tok.decode(ids), ref_img.clamp(-1, 1), atol=1e-5, rtol=1e-5)
+
+
+def test_pruning_map_encode_decode_and_id(vq_dir, tmp_path):
+    tok = VQModelTokenizer.from_diffusers(vq_dir, name="tinyvq")
+    x = images(4)
+    full = tok.encode_full(x)
+    seen = full[:2]  # fit on half the images: some codes of the other half get pruned
+    tok.fit_pruning_map(seen)
+    keep = seen.unique()
+    assert tok.num_classes == keep.numel() < 64
+    assert torch.equal(tok.keep, keep) and torch.equal(tok.full_to_compact[keep], torch.arange(keep.numel()))
+    ids = tok.encode(x)
+    assert int(ids.max()) < tok.num_classes
+    # seen images: compact ids map back to exactly the full ids
+    assert torch.equal(keep[ids[:2]], full[:2])
+    # unseen images: nearest kept code (brute force in latent space)
+    model = tok.model
+    with torch.no_grad():
+        z = model.encode(x[2:]).latents.permute(0, 2, 3, 1).reshape(-1, 4)
+    d = torch.cdist(z, model.quantize.embedding.weight[keep])
+    assert torch.equal(ids[2:].flatten(), d.argmin(1))
+    # decode(compact) == diffusers decoder on the full ids
+    with torch.no_grad():
+        q = model.quantize.embedding(keep[ids]).permute(0, 3, 1, 2)
+        ref = model.decode(q, force_not_quantize=True).sample
+    torch.testing.assert_close(tok.decode(ids), ref.clamp(-1, 1))
+    # id: stable through save/load, changes with the map
+    tid = tok.tokenizer_id
+    assert tid.startswith("tinyvq-")
+    tok.save(tmp_path / "t")
+    loaded = ImageTokenizer.load(tmp_path / "t")
+    assert loaded.tokenizer_id == tid and torch.equal(loaded.encode(x), ids)
+    assert tok.fit_pruning_map(full).tokenizer_id != tid
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, "):
+        loaded.decode(torch.full((1, 8, 8), loaded.num_classes))
+
+
+def test_tampered_or_wrong_directory_is_refused(vq_dir, tmp_path):
+    tok = VQModelTokenizer.from_diffusers(vq_dir)
+    tok.save(tmp_path / "t")
+    meta = json.loads((tmp_path / "t" / "tokenizer.json").read_text())
+    meta["tokenizer_id"] = "other-123"
+    (tmp_path / "t" / "tokenizer.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="modified"):
+        ImageTokenizer.load(tmp_path / "t")
+    with pytest.raises(FileNotFoundError, match="not a tokenizer directory"):
+        ImageTokenizer.load(tmp_path)
+    meta["kind"] = "nope"
+    (tmp_path / "t" / "tokenizer.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="unknown tokenizer kind"):
+        ImageTokenizer.load(tmp_path / "t")
+    with pytest.raises(ValueError, match="multiples of 2"):
+        tok.encode(torch.zeros(1, 3, 15, 15))
+
+
+def test_kmeans_tokenizer_is_recognisable(tmp_path):
+    """Decoded synthetic images keep colour, shape and position (what the demo's eval measures)."""
+    from vqd_scale.data.synthetic import SyntheticSpec, attribute_accuracy, make_sample, synthetic_images
+
+    train = synthetic_images(300, 32, seed=0, two_object_prob=0.0)
+    tok = KMeansTokenizer.fit(train, patch=4, num_codes=128, seed=0, name="km")
+    assert tok.token_shape(32) == (8, 8)
+    spec = SyntheticSpec(resolution=32, seed=5)
+    samples = [make_sample(spec, 0, i) for i in range(40)]
+    x = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im, _, _ in samples])  # [N,3,R,R] uint8
+    x = x.float() / 127.5 - 1
+    recon = tok.decode(tok.encode(x))
+    acc = attribute_accuracy([c for _, c, _ in samples], recon)
+    assert acc["all"] >= 0.9, acc
+    # a tokenizer that ignored its input would score near chance
+    blank = tok.decode(tok.encode(torch.flip(x, dims=[0])))
+    assert attribute_accuracy([c for _, c, _ in samples], blank)["all"] < 0.5
+    tok.save(tmp_path / "km")
+    again = ImageTokenizer.load(tmp_path / "km")
+    assert again.tokenizer_id == tok.tokenizer_id and torch.equal(again.encode(x), tok.encode(x))
