@@ -70,7 +70,8 @@ class AdaLayerNorm(nn.Module):
 
     def forward(self, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         scale, shift = self.linear(F.silu(self.emb(t))).unsqueeze(1).chunk(2, dim=-1)  # [B,1,D] each
-        return F.layer_norm(h, (self.dim,), eps=1e-5) * (1 + scale) + shift
+        # addcmul: one fused pass instead of separate multiply and add over the [B, N, D] activations
+        return torch.addcmul(shift, F.layer_norm(h, (self.dim,), eps=1e-5), 1 + scale)
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -102,6 +103,10 @@ class Block(nn.Module):
         k, v = self.kv2(context).chunk(2, dim=-1)
         return _heads(k, self.heads), _heads(v, self.heads)
 
+    def _drop(self, x: torch.Tensor) -> torch.Tensor:
+        # Skip the call entirely at p = 0: no mask generation or extra pass in training mode.
+        return F.dropout(x, self.dropout, True) if self.dropout > 0 and self.training else x
+
     def _attend(self, q, k, v) -> torch.Tensor:
         p = self.dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # [B, H, N, hd]
@@ -109,12 +114,12 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, k2: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:
         q, k, v = (_heads(z, self.heads) for z in self.qkv(self.norm1(x, t)).chunk(3, dim=-1))
-        x = x + F.dropout(self.proj1(self._attend(q, k, v)), self.dropout, self.training)
+        x = x + self._drop(self.proj1(self._attend(q, k, v)))
         q = _heads(self.q2(self.norm2(x, t)), self.heads)
-        x = x + F.dropout(self.proj2(self._attend(q, k2, v2)), self.dropout, self.training)
+        x = x + self._drop(self.proj2(self._attend(q, k2, v2)))
         h = self.fc1(self.norm3(x))
         h = h * torch.sigmoid(1.702 * h)  # GELU2 = diffusers' ApproximateGELU
-        return x + F.dropout(self.fc2(h), self.dropout, self.training)
+        return x + self._drop(self.fc2(h))
 
 
 class VQDiffusionTransformer(nn.Module):
