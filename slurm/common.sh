@@ -66,9 +66,10 @@ vqd_tasks_per_node() {
 # run_dir of CONFIG + OVERRIDES when RUN_DIR is not given (the trainer writes there).
 vqd_resolve_run_dir() {
     if [[ -n "${RUN_DIR:-}" ]]; then echo "$RUN_DIR"; return; fi
-    # shellcheck disable=SC2086
+    local ovr
+    read -r -a ovr <<< "${OVERRIDES:-}"
     "$PYTHON" -c 'import sys; from vqd_scale.config import load_config
-print(load_config(sys.argv[1], sys.argv[2:]).run_dir)' "$CONFIG" ${OVERRIDES:-}
+print(load_config(sys.argv[1], sys.argv[2:]).run_dir)' "$CONFIG" "${ovr[@]}"
 }
 
 # One JSON line per event into RUN_DIR/slurm_jobs.jsonl (job id, restart count, nodes, time).

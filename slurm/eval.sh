@@ -35,7 +35,7 @@ vqd_device_env "$DEVICE"
 vqd_record eval_start ", \"mode\": \"$EVAL_MODE\""
 vqd_log "eval: run_dir=$RUN_DIR mode=$EVAL_MODE device=$DEVICE"
 
-# shellcheck disable=SC2086  # EVAL_ARGS is a space-separated list on purpose
+read -r -a EARGS <<< "${EVAL_ARGS:-}"  # split on spaces, no glob expansion
 vqd_srun_requeueable --ntasks=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
-    "$PYTHON" -m vqd_scale.cli.eval "$RUN_DIR" "--$EVAL_MODE" ${EVAL_ARGS:-}
+    "$PYTHON" -m vqd_scale.cli.eval "$RUN_DIR" "--$EVAL_MODE" "${EARGS[@]}"
 exit "$VQD_RC"

@@ -38,9 +38,9 @@ vqd_record start ", \"device\": \"$DEVICE\", \"tasks_per_node\": $NTASKS_NODE"
 vqd_log "train: config=$CONFIG run_dir=$RUN_DIR device=$DEVICE nodes=$SLURM_JOB_NUM_NODES" \
         "tasks/node=$NTASKS_NODE master=$MASTER_ADDR:$MASTER_PORT restart=${SLURM_RESTART_COUNT:-0}"
 
-# shellcheck disable=SC2086  # OVERRIDES is a space-separated list on purpose
+read -r -a OVR <<< "${OVERRIDES:-}"  # split on spaces, no glob expansion of [ ] { }
 vqd_srun_requeueable \
     --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node="$NTASKS_NODE" \
     --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" --kill-on-bad-exit=1 \
-    "$PYTHON" -m vqd_scale.cli.train "$CONFIG" "run_dir=$RUN_DIR" ${OVERRIDES:-} --resume auto
+    "$PYTHON" -m vqd_scale.cli.train "$CONFIG" "run_dir=$RUN_DIR" "${OVR[@]}" --resume auto
 exit "$VQD_RC"
