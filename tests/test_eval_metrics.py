@@ -118,9 +118,28 @@ def test_tiny_clip_features_and_refusals(tmp_path):
 def test_prior_cosines():
     img = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
     txt = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
-    out = M.prior_cosines(img, img, txt, -img)
+    rows = M.prior_cosine_rows(img, img, txt, -img)
+    out = dict(zip(M.PRIOR_KEYS, rows.mean(0).tolist()))
+    assert rows.shape == (5, 4)
     assert out["sim_pred_image"] == pytest.approx(1.0) and out["sim_unrelated_image"] == pytest.approx(-1.0)
     assert out["sim_pred_text"] == pytest.approx(out["sim_text_image"])
+    assert out["sim_text_image"] == pytest.approx(float((img * txt).sum(-1).mean()), abs=1e-6)
+
+
+def test_attribute_hits_on_rendered_synthetic_images():
+    from vqd_scale.data.synthetic import SyntheticSpec, make_sample
+    spec = SyntheticSpec(resolution=64)
+    imgs, caps = [], []
+    for i in range(4):
+        img, cap, _ = make_sample(spec, 0, i)
+        imgs.append(torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 127.5 - 1)  # HWC uint8 → CHW [-1,1]
+        caps.append(cap)
+    images = torch.stack(imgs)
+    right = M.attribute_summary(M.attribute_hits(caps, images))
+    assert right == {"attr_color": 1.0, "attr_shape": 1.0, "attr_position": 1.0, "attr_all": 1.0}
+    # The same images against the captions shifted by one: colour/shape/position mostly wrong.
+    wrong = M.attribute_summary(M.attribute_hits(caps[1:] + caps[:1], images))
+    assert wrong["attr_all"] < 1.0 and min(wrong.values()) < 1.0
 
 
 def test_inception_from_local_weights_only(tmp_path):

@@ -94,7 +94,9 @@ class ClipFeatures(torch.nn.Module):
         super().__init__()
         oc = import_open_clip()
         if model_name == "tiny":
-            self.model = oc.CLIP(**TINY_CLIP)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)  # the same random tiny CLIP in every process: comparable numbers
+                self.model = oc.CLIP(**TINY_CLIP)
             if weights:
                 self.model.load_state_dict(_load_state_dict(weights))
             self.tokenizer = oc.get_tokenizer("ViT-B-32")  # same BPE vocab, offline
@@ -194,19 +196,41 @@ def clip_score(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
     return 100 * F.cosine_similarity(image_emb.float(), text_emb.float(), dim=-1).clamp(min=0)
 
 
-def attribute_accuracy(captions: Sequence[str], images: torch.Tensor) -> dict[str, float]:
-    """Colour / shape / position accuracy of decoded synthetic images vs their captions (C's heuristics)."""
-    from vqd_scale.data.synthetic import attribute_accuracy as acc
+ATTRIBUTE_KEYS = ("objects", "color", "shape", "position", "all")
+
+
+def attribute_hits(captions: Sequence[str], images: torch.Tensor) -> torch.Tensor:
+    """Per-sample rows F[B,5] = (caption objects, colour hits, shape hits, position hits, all right),
+    from C's synthetic-data heuristics; rows from several ranks add up (see `attribute_summary`)."""
+    from vqd_scale.data.synthetic import attribute_accuracy, caption_attributes
 
     if len(captions) != len(images):
         raise ValueError(f"{len(captions)} captions for {len(images)} images")
-    return acc(list(captions), list(images))
+    rows = []
+    for caption, image in zip(captions, images):
+        n = len(caption_attributes(caption)["objects"])
+        acc = attribute_accuracy([caption], [image])  # fractions over this caption's objects
+        rows.append([n, acc["color"] * n, acc["shape"] * n, acc["position"] * n, acc["all"]])
+    return torch.tensor(rows, dtype=torch.float64).reshape(-1, len(ATTRIBUTE_KEYS))
 
 
-def prior_cosines(pred_image_emb: torch.Tensor, image_emb: torch.Tensor, text_emb: torch.Tensor,
-                  pred_unrelated_emb: torch.Tensor) -> dict[str, float]:
-    """DALLE2-pytorch `report_cosine_sims`: predicted image embedding vs the true image / the text,
-    and a prediction from an unrelated caption vs the true image (a control that should be lower)."""
-    cos = lambda a, b: F.cosine_similarity(a.float(), b.float(), dim=-1).mean().item()  # noqa: E731
-    return {"sim_pred_image": cos(pred_image_emb, image_emb), "sim_pred_text": cos(pred_image_emb, text_emb),
-            "sim_unrelated_image": cos(pred_unrelated_emb, image_emb), "sim_text_image": cos(text_emb, image_emb)}
+def attribute_summary(rows: torch.Tensor) -> dict[str, float]:
+    """Accuracy per attribute over all caption objects; `attr_all` = images with every attribute right."""
+    tot = rows.sum(0)
+    n_obj = max(float(tot[0]), 1.0)
+    out = {f"attr_{k}": float(tot[i]) / n_obj for i, k in enumerate(ATTRIBUTE_KEYS[1:4], start=1)}
+    out["attr_all"] = float(tot[4]) / max(rows.shape[0], 1)
+    return out
+
+
+PRIOR_KEYS = ("sim_pred_image", "sim_pred_text", "sim_unrelated_image", "sim_text_image")
+
+
+def prior_cosine_rows(pred_image_emb: torch.Tensor, image_emb: torch.Tensor, text_emb: torch.Tensor,
+                      pred_unrelated_emb: torch.Tensor) -> torch.Tensor:
+    """DALLE2-pytorch `report_cosine_sims`, per sample F[B,4] in PRIOR_KEYS order: predicted image
+    embedding vs the true image / the text, a prediction from an unrelated caption vs the true image
+    (a control that should stay lower), and the text-image baseline."""
+    cos = lambda a, b: F.cosine_similarity(a.float(), b.float(), dim=-1)  # noqa: E731
+    return torch.stack([cos(pred_image_emb, image_emb), cos(pred_image_emb, text_emb),
+                        cos(pred_unrelated_emb, image_emb), cos(text_emb, image_emb)], dim=1)

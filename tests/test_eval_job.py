@@ -1,0 +1,149 @@
+"""vqd-eval end to end on real tiny parts: tiny diffusers VQModel tokenizer, tiny open_clip text tower
+and CLIP, the real transformer, held-out token shards written in the record format."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from vqd_scale.cli import eval as cli
+from vqd_scale.config import load_config, save_config
+from vqd_scale.data import schema
+from vqd_scale.data.synthetic import caption_of, sample_scene, synthetic_images
+from vqd_scale.eval import metrics as M
+from vqd_scale.eval.heldout import read_heldout
+from vqd_scale.tasks import build_task
+from vqd_scale.train.checkpoint import load_weights
+
+N, RES = 6, 16
+OVERRIDES = ["task=vqd", "text.model=tiny", "text.tiny_width=32", "text.tiny_layers=1", "model.size=debug",
+             "model.num_classes=64", "model.height=8", "model.width=8", "model.context_dim=32", "model.layers=1",
+             "model.num_timesteps=10", "diffusion.num_timesteps=10", "eval.sampler.steps=4",
+             "eval.sampler.batch_size=4", "eval.sampler.guidance_scale=2.0", f"eval.num_samples={N}",
+             "eval.clip_model=tiny", "eval.metrics=[fid,clip_score,attributes]", "eval.grid_size=4",
+             "logging.wandb_mode=offline", "max_samples=1000"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run directory with two complete checkpoints and one incomplete, plus held-out shards."""
+    from vqd_scale.models.vqvae import VQModelTokenizer, _import_vqmodel
+
+    VQModel = _import_vqmodel()  # through the compat shim (diffusers imports torchvision)
+
+    root = tmp_path_factory.mktemp("eval_e2e")
+    torch.manual_seed(0)
+    vq = VQModel(block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                 up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+                 num_vq_embeddings=64, norm_num_groups=8, sample_size=RES)
+    vq.save_pretrained(str(root / "vq"))
+    tok = VQModelTokenizer.from_diffusers(root / "vq", name="tiny-vq")
+    tok.save(root / "tokenizer")
+    # Held-out shards: synthetic captioned images → tokens, written with the record schema (2 shards).
+    import webdataset as wds
+    cfg = load_config(None, OVERRIDES)
+    task = build_task(cfg, torch.device("cpu"))
+    rng = np.random.default_rng(0)
+    captions = [caption_of(sample_scene(rng)) for _ in range(N + 2)]
+    ids = tok.encode(synthetic_images(N + 2, RES, seed=1)).numpy()
+    text = task.text.tokenize(captions).numpy()
+    for s in range(2):
+        with wds.TarWriter(str(root / f"held_{s:05d}.tar"), encoder=False) as sink:
+            for i in range(s * 4, s * 4 + 4):
+                sink.write(schema.encode_record(f"{i:06d}", ids[i], text[i], captions[i],
+                                                {"tokenizer_id": tok.tokenizer_id}))
+    overrides = OVERRIDES + [f"eval.shards={root}/held_{{00000..00001}}.tar", f"eval.tokenizer={root}/tokenizer",
+                             f"run_dir={root}/run"]
+    run = root / "run"
+    run.mkdir()
+    save_config(load_config(None, overrides), run / "config.yaml")
+    # As vqd-train does without text.pretrained: the random-init frozen text tower is saved in the run dir.
+    save_file({k: v.contiguous() for k, v in task.text.state_dict().items()}, str(run / "text_encoder.safetensors"))
+    for step, seed, complete in ((10, 1, True), (20, 2, True), (30, 3, False)):
+        torch.manual_seed(seed)
+        module = build_task(cfg, torch.device("cpu")).module
+        d = run / "checkpoints" / f"step_{step:08d}"
+        d.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(d / "ema.safetensors"))
+        if complete:
+            (d / "complete.json").write_text(json.dumps({"step": step, "samples_seen": step * 16, "world_size": 1,
+                                                         "model": task.model_config}))
+    with open(run / "metrics.jsonl", "w") as f:
+        for step in range(5, 31, 5):
+            f.write(json.dumps({"step": step, "loss": 5.0 / step, "vlb": 4.0 / step}) + "\n")
+    return run
+
+
+@pytest.mark.slow
+def test_vqd_eval_end_to_end(run_dir):
+    assert cli.main([str(run_dir), "--once"]) == 0
+    ev = run_dir / "eval"
+    assert sorted(p.name for p in ev.glob("*.json")) == ["10.json", "20.json"]  # step 30 is incomplete
+    res = json.loads((ev / "20.json").read_text())
+    m = res["metrics"]
+    assert res["step"] == 20 and res["samples_seen"] == 320 and res["num_samples"] == N
+    assert set(m) >= {"fid", "clip_score", "attr_color", "attr_shape", "attr_position", "attr_all"}
+    assert np.isfinite(m["fid"]) and m["fid"] >= 0 and 0 <= m["clip_score"] <= 100
+    assert all(0 <= m[k] <= 1 for k in ("attr_color", "attr_shape", "attr_position", "attr_all"))
+    # Grid: 4 samples of 16 px in a 2×2 grid with 2 px gutters → 38×38 RGB.
+    png = np.asarray(Image.open(ev / "20.png"))
+    assert png.shape == (38, 38, 3) and png[2:18, 2:18].std() > 0
+    assert Image.open(ev / "curves.png").size[0] > 100
+    assert list((ev / "wandb").glob("offline-run-*")), "wandb offline run not written"
+    assert not list(ev.glob("*.lock"))
+
+    # Independent recomputation of step 20's FID and CLIP score from the public pieces.
+    from vqd_scale.generate import generate
+    from vqd_scale.models.vqvae import ImageTokenizer
+    cfg = load_config(run_dir / "config.yaml")
+    task = build_task(cfg, torch.device("cpu"))
+    task.module.load_state_dict(load_weights(run_dir / "checkpoints/step_00000020"))
+    task.text.load_state_dict(load_file(str(run_dir / "text_encoder.safetensors")))
+    h = read_heldout(cfg.eval.shards, N)
+    tok = ImageTokenizer.load(cfg.eval.tokenizer)
+    clip = M.ClipFeatures("tiny", None)
+    gen = torch.Generator().manual_seed(cfg.eval.seed * 1_000_003)
+    imgs = torch.cat([tok.decode(generate(task.module, task.text, task.diffusion, h.text_tokens[i:i + 4],
+                                          cfg.eval.sampler, gen).view(-1, 8, 8)) for i in range(0, N, 4)])
+    fake, real = clip(imgs), clip(tok.decode(h.image_tokens))
+    assert m["fid"] == pytest.approx(M.fid_from_features(fake, real), rel=1e-5)
+    assert m["clip_score"] == pytest.approx(float(M.clip_score(fake, clip.text(h.captions)).mean()), rel=1e-5)
+
+    # A second run finds nothing new; completing step 30 makes exactly that one pending.
+    mtime = (ev / "20.json").stat().st_mtime_ns
+    assert cli.main([str(run_dir), "--once"]) == 0
+    assert (ev / "20.json").stat().st_mtime_ns == mtime and not (ev / "30.json").exists()
+    (run_dir / "checkpoints/step_00000030/complete.json").write_text(json.dumps({"step": 30, "samples_seen": 480}))
+    assert cli.main([str(run_dir), "--step", "30"]) == 0
+    assert json.loads((ev / "30.json").read_text())["metrics"]["fid"] >= 0
+    assert (ev / "20.json").stat().st_mtime_ns == mtime
+
+
+def test_text_tower_file_name_matches_training():
+    from vqd_scale.eval.job import TEXT_FILE
+    from vqd_scale.train.loop import TEXT_FILE as TRAIN_TEXT_FILE
+    assert TEXT_FILE == TRAIN_TEXT_FILE
+
+
+def test_cli_refusals(run_dir, tmp_path, capsys):
+    assert cli.main([str(tmp_path)]) == 2
+    assert "config.yaml not found" in capsys.readouterr().err
+    assert cli.main([str(run_dir), "--step", "25"]) == 2
+    assert "not a complete checkpoint" in capsys.readouterr().err
+    assert cli.main([str(run_dir), "eval.metrics=[fid,bogus]"]) == 2
+    assert "eval.metrics" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.parse_args([str(run_dir), "--force"])
+
+
+def test_heldout_refusals(run_dir, tmp_path):
+    cfg = load_config(run_dir / "config.yaml")
+    with pytest.raises(ValueError, match="eval.num_samples"):
+        read_heldout(cfg.eval.shards, 100)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        read_heldout(str(tmp_path / "nope_{0..1}.tar"), 2)
+    with pytest.raises(ValueError, match="eval.shards is empty"):
+        read_heldout("", 2)

@@ -1,0 +1,81 @@
+"""vqd-eval RUN_DIR [--once | --watch] [--step N [--force]] [key=value ...]
+
+Evaluates every complete checkpoint of a run directory exactly once (eval/<step>.json, .png,
+curves.png, wandb). `--watch` keeps polling (eval.poll_seconds) until training has finished (RUN_DIR/DONE
+or a checkpoint at max_samples) and nothing is pending, or eval.idle_timeout passes without a new
+checkpoint. Settings come from RUN_DIR/config.yaml; dotted overrides change them, e.g.
+`eval.num_samples=1000 eval.sampler.steps=50`. Works as one process, under torchrun or srun (the
+ranks split the samples).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from vqd_scale.config import ConfigError, load_config
+from vqd_scale.eval import watch
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="vqd-eval", description=__doc__.splitlines()[0])
+    ap.add_argument("run_dir", help="training run directory (holds config.yaml and checkpoints/)")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--once", action="store_true", help="evaluate what is pending now, then exit (default)")
+    mode.add_argument("--watch", action="store_true", help="keep evaluating new complete checkpoints")
+    ap.add_argument("--step", type=int, default=None, help="evaluate only this checkpoint step")
+    ap.add_argument("--force", action="store_true", help="with --step: re-evaluate even if a result exists")
+    ap.add_argument("--config", default=None, help="config YAML instead of RUN_DIR/config.yaml")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.num_samples=1000")
+    a = ap.parse_args(argv)
+    if a.force and a.step is None:
+        ap.error("--force needs --step N (results of other steps are kept)")
+    return a
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    run_dir = Path(a.run_dir)
+    cfg_path = Path(a.config) if a.config else run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        print(f"vqd-eval: {cfg_path} not found; is {run_dir} a vqd-train run directory?", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(cfg_path, a.overrides)
+    except ConfigError as e:
+        print(f"vqd-eval: {e}", file=sys.stderr)
+        return 2
+    if a.step is not None and not a.watch:
+        ckpt = run_dir / "checkpoints" / f"step_{a.step:08d}"
+        if not (ckpt / "complete.json").is_file():
+            print(f"vqd-eval: {ckpt} is not a complete checkpoint (missing, or its save was interrupted); "
+                  "use --watch to wait for it", file=sys.stderr)
+            return 2
+    from vqd_scale.eval.job import Evaluator, setup_ranks
+    from vqd_scale.train.distributed import shutdown
+
+    ranks = setup_ranks()
+    if a.force and ranks.is_main:
+        watch.result_path(run_dir, a.step).unlink(missing_ok=True)
+    ranks.decide(lambda: None)  # the old result is gone on every rank's view before anyone scans
+    built: list[Evaluator] = []
+
+    def evaluate(step, path):
+        if not built:  # built at the first pending checkpoint: nothing to load when there is none
+            built.append(Evaluator(cfg, run_dir, ranks))
+        return built[0](step, path)
+    try:
+        done = watch.run(run_dir, evaluate, watch=a.watch, poll_seconds=cfg.eval.poll_seconds,
+                         idle_timeout=cfg.eval.idle_timeout, stale_seconds=cfg.eval.lock_stale_seconds,
+                         only_step=a.step, decide=ranks.decide, is_main=ranks.is_main)
+    finally:
+        for ev in built:
+            ev.close()
+        shutdown()
+    if ranks.is_main:
+        print(f"vqd-eval: evaluated {len(done)} checkpoint(s): {done}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

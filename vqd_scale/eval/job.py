@@ -1,0 +1,279 @@
+"""The separately scheduled eval job: load a complete checkpoint's EMA weights, sample held-out
+captions (rank-parallel when launched with several ranks), compute the metrics on rank 0, and write
+`eval/<step>.json`, `eval/<step>.png`, `eval/curves.png` and a wandb entry keyed by the train step.
+
+Which checkpoint to evaluate (once each, claims, --watch) is `eval/watch.py`'s; this module is what
+one evaluation does. Everything loaded once (held-out data, text tower, tokenizer, feature
+extractors, reference statistics) is kept across checkpoints of one process.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from vqd_scale.config import RunConfig
+from vqd_scale.data.schema import write_json_atomic
+from vqd_scale.eval import metrics as M
+from vqd_scale.eval import plots
+from vqd_scale.eval.heldout import HeldOut, read_heldout
+from vqd_scale.eval.watch import EVAL_DIR, result_path
+from vqd_scale.train import distributed as D
+from vqd_scale.train.checkpoint import EMA_FILE, check_same_model, load_weights, read_complete
+
+log = logging.getLogger(__name__)
+# vqd_scale.train.loop.TEXT_FILE (not imported: that module pulls in DeepSpeed, seconds per start;
+# tests/test_eval_job.py checks they agree). Ask D to move it to train/checkpoint.py.
+TEXT_FILE = "text_encoder.safetensors"
+PRIOR_BATCH = 256  # embeddings per prior sampling call: tiny tensors, so one call per few hundred
+
+
+@dataclasses.dataclass
+class Ranks:
+    """This process's place in the eval job; every collective goes through here (optional: world 1)."""
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def mine(self, n: int) -> list[int]:
+        """Global indices this rank samples: a strided slice, so ranks differ by at most one item."""
+        return list(range(self.rank, n, self.world))
+
+    def gather_rows(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """Rows of `mine(n)` from every rank → all n rows in global order (same on every rank)."""
+        if self.world == 1:
+            return x
+        per = math.ceil(n / self.world)
+        pad = x.new_zeros((per - x.shape[0], *x.shape[1:]))
+        g = D.all_gather_cat(torch.cat([x, pad]).to(self.device))  # [world·per, ...]
+        # global index i = r + world·j sits at (r, j): transpose to (j, r) and flatten
+        g = g.view(self.world, per, *x.shape[1:]).transpose(0, 1).reshape(self.world * per, *x.shape[1:])
+        return g[:n].cpu()
+
+    def decide(self, f: Callable[[], Any]) -> Any:
+        """Run `f` on rank 0 and hand its (picklable) result to every rank."""
+        if self.world == 1:
+            return f()
+        import torch.distributed as dist
+        box = [f() if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def setup_ranks() -> Ranks:
+    """Rank / world / device from SLURM or torchrun; a process group only when there are several ranks."""
+    env = D.detect_env()
+    device = D.device_for(env)
+    if env.world_size > 1:
+        D.init_distributed(env)
+    return Ranks(env.rank, env.world_size, device)
+
+
+def _chunks(idx: list[int], size: int) -> list[list[int]]:
+    return [idx[i:i + size] for i in range(0, len(idx), size)]
+
+
+class Evaluator:
+    """Callable `(step, ckpt_dir) -> result dict` for `watch.run`; results are written on rank 0."""
+
+    def __init__(self, cfg: RunConfig, run_dir: str | os.PathLike, ranks: Optional[Ranks] = None):
+        from vqd_scale.tasks import build_task
+
+        self.cfg, self.run_dir, self.r = cfg, Path(run_dir), ranks or Ranks()
+        e = cfg.eval
+        self.heldout: HeldOut = read_heldout(e.shards, e.num_samples)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)  # as vqd-train builds it: a random-init text tower comes out the same
+            self.task = build_task(cfg, self.r.device)
+        self._load_text_tower()
+        self.task.module.to(self.r.device).eval().requires_grad_(False)
+        self.tokenizer = self.clip = self.features = None
+        self._ref: Optional[tuple] = None
+        self._wandb = None
+        if cfg.task == "vqd":
+            self._setup_vqd()
+        elif self.heldout.image_emb is None:
+            raise ValueError(f"task=prior eval needs CLIP image embeddings in eval.shards ({e.shards}); "
+                             "extract them with --clip-model (img.emb.npy)")
+        (self.run_dir / EVAL_DIR).mkdir(parents=True, exist_ok=True)
+
+    def _load_text_tower(self) -> None:
+        """Without text.pretrained, training saved its random-init frozen tower in the run dir: use it."""
+        text = getattr(self.task, "text", None)
+        path = self.run_dir / TEXT_FILE
+        if text is None or self.cfg.text.pretrained:
+            return
+        if path.is_file():
+            from safetensors.torch import load_file
+            text.load_state_dict(load_file(str(path), device=str(self.r.device)))
+        else:
+            log.warning("text.pretrained is unset and %s is missing: using a text tower re-initialised from "
+                        "seed %d, which matches training only if it was built the same way", path, self.cfg.seed)
+
+    def _setup_vqd(self) -> None:
+        from vqd_scale.models.vqvae import ImageTokenizer
+
+        e, mc = self.cfg.eval, self.cfg.model
+        if not e.tokenizer:
+            raise ValueError("eval.tokenizer is not set: give the ImageTokenizer directory the shards were "
+                             "extracted with (it decodes the sampled tokens into images)")
+        self.tokenizer = ImageTokenizer.load(e.tokenizer, self.r.device)
+        tid = self.tokenizer.tokenizer_id
+        if self.heldout.tokenizer_id and self.heldout.tokenizer_id != tid:
+            raise ValueError(f"eval.shards were extracted with tokenizer {self.heldout.tokenizer_id} but "
+                             f"eval.tokenizer={e.tokenizer} is {tid}; use the matching pair")
+        if self.tokenizer.num_classes != mc.num_classes:
+            raise ValueError(f"eval.tokenizer has {self.tokenizer.num_classes} codes but model.num_classes="
+                             f"{mc.num_classes}; use the tokenizer the model was trained with")
+        if tuple(self.heldout.image_tokens.shape[1:]) != (mc.height, mc.width):
+            raise ValueError(f"held-out image tokens are {tuple(self.heldout.image_tokens.shape[1:])} but the "
+                             f"model samples {mc.height}×{mc.width}")
+        if "clip_score" in e.metrics or ("fid" in e.metrics and e.feature_extractor == "clip"):
+            self.clip = M.ClipFeatures(e.clip_model, e.clip_weights).to(self.r.device)
+        if "fid" in e.metrics:
+            self.features = (self.clip if e.feature_extractor == "clip" else
+                             M.FEATURE_EXTRACTORS[e.feature_extractor](e.clip_model, e.clip_weights,
+                                                                       e.feature_weights).to(self.r.device))
+
+    # -- one checkpoint -------------------------------------------------------------------------
+    def __call__(self, step: int, ckpt_dir: Path) -> dict:
+        info = read_complete(ckpt_dir)
+        if "model" in info:
+            check_same_model(info["model"], self.task.model_config, str(ckpt_dir))
+        which = "ema" if (Path(ckpt_dir) / EMA_FILE).exists() else "model"
+        self.task.module.load_state_dict(load_weights(ckpt_dir, which))
+        start = time.monotonic()
+        metrics, grid = self._vqd() if self.cfg.task == "vqd" else self._prior()
+        seconds = time.monotonic() - start
+        result = {"step": step, "samples_seen": info.get("samples_seen"), "task": self.cfg.task,
+                  "checkpoint": str(ckpt_dir), "weights": which, "num_samples": len(self.heldout),
+                  "world_size": self.r.world, "seconds": seconds, "time": time.time(), "metrics": metrics,
+                  "sampler": dataclasses.asdict(self.cfg.eval.sampler),
+                  "feature_extractor": self.cfg.eval.feature_extractor, "clip_model": self.cfg.eval.clip_model}
+        if self.r.is_main:
+            self._write(step, result, grid)
+        return result
+
+    def _generator(self) -> torch.Generator:
+        # The same noise for every checkpoint (and per rank), so metric changes come from the weights.
+        return torch.Generator(self.r.device).manual_seed(self.cfg.eval.seed * 1_000_003 + self.r.rank)
+
+    def _vqd(self) -> tuple[dict, Optional[torch.Tensor]]:
+        from vqd_scale.generate import generate
+
+        e, h, mc = self.cfg.eval, self.heldout, self.cfg.model
+        n, idx, gen = len(h), self.r.mine(len(h)), self._generator()
+        feats, clip_rows, attr_rows, grid = [], [], [], []
+        for chunk in _chunks(idx, e.sampler.batch_size):
+            tokens = generate(self.task.module, self.task.text, self.task.diffusion, h.text_tokens[chunk],
+                              e.sampler, gen)  # Long[b, N]
+            images = self.tokenizer.decode(tokens.view(len(chunk), mc.height, mc.width))  # [b,3,H,W]
+            captions = [h.captions[i] for i in chunk]
+            img_emb = self.clip(images) if self.clip is not None else None
+            if self.features is not None:
+                feats.append((img_emb if self.features is self.clip else self.features(images)).double().cpu())
+            if "clip_score" in e.metrics:
+                clip_rows.append(M.clip_score(img_emb, self.clip.text(captions)).double().cpu())
+            if "attributes" in e.metrics:
+                attr_rows.append(M.attribute_hits(captions, images.cpu()))
+            if self.r.is_main and sum(map(len, grid)) < e.grid_size:
+                grid.append(images.cpu())
+        out: dict[str, float] = {}
+        if self.features is not None:
+            fake = self.r.gather_rows(torch.cat(feats), n)
+            mu_r, sigma_r = self._reference()
+            if self.r.is_main:
+                out["fid"] = M.frechet_distance(*M.gaussian_stats(fake), mu_r, sigma_r)
+        if clip_rows:
+            out["clip_score"] = float(self.r.gather_rows(torch.cat(clip_rows), n).mean())
+        if attr_rows:
+            out.update(M.attribute_summary(self.r.gather_rows(torch.cat(attr_rows), n)))
+        return out, (torch.cat(grid)[:e.grid_size] if grid else None)
+
+    def _reference(self) -> tuple:
+        """Real-image statistics: eval.reference_stats, else decoded held-out tokens (computed once)."""
+        if self._ref is None:
+            e, h = self.cfg.eval, self.heldout
+            if e.reference_stats:
+                self._ref = M.load_stats(e.reference_stats)
+            else:
+                rows = [self.features(self.tokenizer.decode(h.image_tokens[c].to(self.r.device))).double().cpu()
+                        for c in _chunks(self.r.mine(len(h)), e.sampler.batch_size)]
+                self._ref = M.gaussian_stats(self.r.gather_rows(torch.cat(rows), len(h)))
+        return self._ref
+
+    def _prior(self) -> tuple[dict, None]:
+        from vqd_scale.tasks.prior import sample_embeddings
+
+        e, h, dev = self.cfg.eval, self.heldout, self.r.device
+        n, idx = len(h), self.r.mine(len(h))
+        unrelated = [(i + 1) % n for i in idx]  # the next held-out caption: a different prompt (control)
+        out: dict[str, float] = {}
+        for steps in e.prior_steps:
+            gen, rows = self._generator(), []
+            for chunk, other in zip(_chunks(idx, PRIOR_BATCH), _chunks(unrelated, PRIOR_BATCH)):
+                (ctx, text_emb), (ctx_u, text_emb_u) = (self.task.text_inputs(
+                    {"text_tokens": h.text_tokens[sel], "text_emb": None if h.text_emb is None else h.text_emb[sel]})
+                    for sel in (chunk, other))
+                pred, pred_u = (sample_embeddings(self.task.module, self.task.diffusion, te, c, steps, gen,
+                                                  e.sampler.guidance_scale, self.cfg.shifted.clamp_x0)
+                                for te, c in ((text_emb, ctx), (text_emb_u, ctx_u)))
+                rows.append(M.prior_cosine_rows(pred, h.image_emb[chunk].to(dev), text_emb, pred_u).cpu())
+            mean = self.r.gather_rows(torch.cat(rows), n).mean(0)
+            out.update({f"prior_{k}@{steps}": float(v) for k, v in zip(M.PRIOR_KEYS, mean)})
+        return out, None
+
+    # -- outputs (rank 0) ---------------------------------------------------------------------------
+    def _write(self, step: int, result: dict, grid: Optional[torch.Tensor]) -> None:
+        eval_dir = self.run_dir / EVAL_DIR
+        png = None
+        if grid is not None:
+            png = plots.save_grid(grid, eval_dir / f"{step}.png")
+            result["grid"] = png.name
+        write_json_atomic(result_path(self.run_dir, step), result)  # last: marks the step evaluated
+        try:
+            plots.plot_curves(self.run_dir, eval_dir / "curves.png")
+        except Exception as err:  # a plot must never lose an evaluation that is already written
+            log.warning("curves.png not updated: %s", err)
+        self._log_wandb(step, result, png)
+        summary = " ".join(f"{k}={v:.4g}" for k, v in result["metrics"].items() if isinstance(v, float))
+        print(f"[eval step {step}] {summary} ({result['seconds']:.1f}s)", flush=True)
+
+    def _log_wandb(self, step: int, result: dict, png: Optional[Path]) -> None:
+        lc = self.cfg.logging
+        mode = os.environ.get("WANDB_MODE", lc.wandb_mode)
+        if mode == "disabled":
+            return
+        import wandb
+        if self._wandb is None:
+            os.environ.setdefault("WANDB_SILENT", "true")
+            # Its own run next to training's (a wandb run takes one writer); stable id across restarts.
+            run_id = "vqd-" + hashlib.sha1(str(self.run_dir.resolve()).encode()).hexdigest()[:12] + "-eval"
+            self._wandb = wandb.init(project=lc.wandb_project, entity=lc.wandb_entity, mode=mode,
+                                     dir=str(self.run_dir / EVAL_DIR), id=run_id, resume="allow",
+                                     job_type="eval", config={"eval": dataclasses.asdict(self.cfg.eval)})
+            # Checkpoints may be evaluated out of order: plot against the train step, not wandb's own.
+            self._wandb.define_metric("trainer/step")
+            self._wandb.define_metric("eval/*", step_metric="trainer/step")
+        payload = {"trainer/step": step, **{f"eval/{k}": v for k, v in result["metrics"].items()}}
+        if png is not None:
+            payload["eval/samples"] = wandb.Image(str(png))
+        self._wandb.log(payload)
+
+    def close(self) -> None:
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
