@@ -6,7 +6,8 @@
 #   * #SBATCH lines give GPU-cluster defaults; every one can be overridden with sbatch flags and
 #     every job parameter with environment variables (sbatch exports the caller's environment):
 #       CONFIG, RUN_DIR, OVERRIDES (space-separated dotted overrides), VQD_DEVICE (auto|gpu|cpu),
-#       GPUS_PER_NODE, TASKS_PER_NODE, PYTHON, MASTER_PORT, VQD_REQUEUE_EXIT, VQD_MAX_RESTARTS;
+#       GPUS_PER_NODE, TASKS_PER_NODE, PYTHON, MASTER_PORT, VQD_REQUEUE_EXIT, VQD_MAX_RESTARTS,
+#       VQD_TASK_EXIT_WAIT;
 #   * logs go to logs/ (create it before sbatch) and are appended to across requeues;
 #   * every job appends one JSON line per start / requeue to $RUN_DIR/slurm_jobs.jsonl.
 
@@ -16,6 +17,10 @@ PYTHON="${PYTHON:-python}"
 # (= vqd_scale.train.signals.EXIT_PREEMPTED; tests/slurm checks they agree).
 VQD_REQUEUE_EXIT="${VQD_REQUEUE_EXIT:-42}"
 VQD_MAX_RESTARTS="${VQD_MAX_RESTARTS:-50}"
+# After the first task of a step ends, srun ends the others this many seconds later. Ranks leave a
+# pre-emption save a moment apart, so no --kill-on-bad-exit (it would SIGTERM the late ones, which
+# vqd-train treats as another save request); a crashed rank still cannot leave the rest hanging.
+VQD_TASK_EXIT_WAIT="${VQD_TASK_EXIT_WAIT:-120}"
 
 vqd_log() { echo "[$(date +%H:%M:%S) ${SLURM_JOB_ID:-nojob}] $*"; }
 

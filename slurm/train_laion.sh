@@ -41,6 +41,6 @@ vqd_log "train: config=$CONFIG run_dir=$RUN_DIR device=$DEVICE nodes=$SLURM_JOB_
 read -r -a OVR <<< "${OVERRIDES:-}"  # split on spaces, no glob expansion of [ ] { }
 vqd_srun_requeueable \
     --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node="$NTASKS_NODE" \
-    --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" --kill-on-bad-exit=1 \
+    --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" --kill-on-bad-exit=0 --wait="$VQD_TASK_EXIT_WAIT" \
     "$PYTHON" -m vqd_scale.cli.train "$CONFIG" "run_dir=$RUN_DIR" "${OVR[@]}" --resume auto
 exit "$VQD_RC"

@@ -7,6 +7,7 @@ waits for its own: (a) 2-node training writes checkpoints, (b) an afterok eval j
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 import subprocess
@@ -30,7 +31,7 @@ def _complete_steps(run_dir: Path) -> list[int]:
     return [s for s, _ in list_complete(run_dir)] if (run_dir / "checkpoints").exists() else []
 
 
-def _write_config(work: Path, tokens: Path) -> Path:
+def _write_config(work: Path, tokens: Path, tokenizer: Path) -> Path:
     """configs/tiny.yaml pointed at the extracted shards, logging every step (the file a user writes)."""
     cfg = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
     cfg["data"]["sources"] = [{"name": "synthetic", "shards": f"{tokens}/{{00000..00001}}.tar"}]
@@ -38,7 +39,9 @@ def _write_config(work: Path, tokens: Path) -> Path:
     cfg["max_samples"] = STEPS * PER_STEP
     cfg["checkpoint"]["every_steps"] = 4
     cfg["logging"] = {"every_steps": 1, "wandb_mode": "disabled"}
-    cfg["eval"] = {"shards": f"{tokens}/00001.tar", "num_samples": 4, "sampler": {"steps": 4, "batch_size": 4}}
+    cfg["eval"] = {"shards": f"{tokens}/00001.tar", "num_samples": 8, "sampler": {"steps": 4, "batch_size": 8},
+                   "tokenizer": str(tokenizer), "clip_model": "tiny", "metrics": ["fid", "clip_score"],
+                   "grid_size": 4}
     path = work / "tiny_cluster.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -70,7 +73,7 @@ def tokens(slurm_cluster) -> Path:
 def jobs(slurm_cluster, tokens) -> dict:
     """Submit (a) train, (b) eval afterok, (c) train to pre-empt, (d) submitit train, all at once."""
     c, work = slurm_cluster, slurm_cluster.work
-    config = _write_config(work, tokens)
+    config = _write_config(work, tokens, work / "tokenizer")
     cpu = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1",
            f"--output={c.logs}/%x-%j.out"]
     out = {"config": config, "run_a": work / "runs" / "a", "run_c": work / "runs" / "c", "run_d": work / "runs" / "d"}
@@ -95,7 +98,7 @@ def test_requeue_exit_code_matches_trainer():
 
 def test_bad_config_path_fails_with_message(slurm_cluster):
     c = slurm_cluster
-    jid = c.sbatch(["--nodes=1", "--gpus-per-node=0", "--cpus-per-task=1", f"--output={c.logs}/%x-%j.out",
+    jid = c.sbatch(["--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", f"--output={c.logs}/%x-%j.out",
                     "slurm/train_laion.sh"], env=c.env(CONFIG="configs/does_not_exist.yaml", RUN_DIR=str(c.work / "x")))
     info = c.wait_done(jid, 60)
     assert info["JobState"] == "FAILED"
@@ -127,6 +130,11 @@ def test_c_preemption_checkpoints_requeues_and_continues(slurm_cluster, jobs):
     loss_a = {m["step"]: m["loss"] for m in read_jsonl(jobs["run_a"] / "metrics.jsonl")}
     for m in metrics:
         assert math.isclose(m["loss"], loss_a[m["step"]], rel_tol=1e-6, abs_tol=1e-7), (m["step"], m["loss"])
+    from vqd_scale.launch.timeline import timeline
+    rows = timeline(run)
+    assert [r["restart_count"] for r in rows] == [0, 1]
+    assert 0 < rows[1]["requeue_to_start_s"] < rows[1]["requeue_to_first_step_s"]
+    print("timeline (c):", rows)  # figures for docs/performance.md (pytest -s)
 
 
 def test_a_two_node_training_writes_checkpoints(slurm_cluster, jobs):
@@ -148,7 +156,10 @@ def test_b_eval_after_training_writes_results(slurm_cluster, jobs):
     assert info["StartTime"] >= train["EndTime"], (info["StartTime"], train["EndTime"])  # afterok held it back
     results = sorted((jobs["run_a"] / "eval").glob("*.json"))
     assert results, f"no eval/<step>.json in {jobs['run_a']}\n{c.log_tail(jobs['b'])}"
-    assert any(int(p.stem) == STEPS for p in results if p.stem.isdigit())
+    final = jobs["run_a"] / "eval" / f"{STEPS}.json"
+    assert final.exists(), f"no result for the final checkpoint; have {[p.name for p in results]}"
+    result = json.loads(final.read_text())
+    assert "fid" in json.dumps(result) and "clip_score" in json.dumps(result), result
 
 
 def test_d_submitit_submits_training(slurm_cluster, jobs):

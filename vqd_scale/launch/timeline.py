@@ -1,0 +1,58 @@
+"""How long a run's SLURM jobs spent starting and requeueing, from RUN_DIR/slurm_jobs.jsonl + metrics.jsonl.
+
+    python -m vqd_scale.launch.timeline RUN_DIR
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a kill
+            pass
+    return out
+
+
+def timeline(run_dir: str | Path) -> list[dict]:
+    """One row per job start: restart count, seconds to its first logged step, and for restarts the
+    seconds from the requeue before it to that job start and to its first step."""
+    run_dir = Path(run_dir)
+    events = _jsonl(run_dir / "slurm_jobs.jsonl")
+    times = sorted(m["time"] for m in _jsonl(run_dir / "metrics.jsonl") if "time" in m)
+    rows, last_requeue = [], None
+    for e in events:
+        if e["event"] == "requeue":
+            last_requeue = e["time"]
+        if e["event"] != "start":
+            continue
+        first = next((t for t in times if t > e["time"]), None)
+        row = {"job_id": e["job_id"], "restart_count": e["restart_count"],
+               "start_to_first_step_s": None if first is None else first - e["time"]}
+        if last_requeue is not None:
+            row["requeue_to_start_s"] = e["time"] - last_requeue
+            row["requeue_to_first_step_s"] = None if first is None else first - last_requeue
+            last_requeue = None
+        rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print(__doc__.strip().splitlines()[-1].strip(), file=sys.stderr)
+        return 2
+    for row in timeline(argv[0]):
+        print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
