@@ -13,6 +13,7 @@ import os
 import random
 import re
 import shutil
+import signal
 from pathlib import Path
 from typing import Any, Optional
 
@@ -26,9 +27,8 @@ LATEST = "latest"
 EMA_FILE = "ema.safetensors"
 TRAINER_STATE = "trainer_state.pt"
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
-# Test hook: die after the shards are written but before complete.json (simulates a kill mid-save).
-CRASH_ENV = "VQD_TEST_CRASH_BEFORE_COMPLETE"  # value: the step whose save dies
-CRASH_EXIT = 13
+# Test hook: SIGKILL after the shards are written but before complete.json (simulates a kill mid-save).
+CRASH_ENV = "VQD_TEST_KILL_BEFORE_COMPLETE"  # value: the step whose save is SIGKILLed
 
 
 def ckpt_name(step: int) -> str:
@@ -135,7 +135,7 @@ def save_checkpoint(run_dir: Path, step: int, engine, rank: int, world_size: int
             save_file(ema_state, str(path / EMA_FILE))
     barrier()  # every rank's files exist before the checkpoint is declared complete
     if os.environ.get(CRASH_ENV) == str(step):
-        os._exit(CRASH_EXIT)
+        os.kill(os.getpid(), signal.SIGKILL)  # every rank dies here, as in a node loss mid-save
     if rank == 0:
         info = {"step": step, "samples_seen": trainer_state["samples_seen"], "world_size": world_size,
                 "zero_stage": trainer_state["zero_stage"], "model": trainer_state["model_config"]}

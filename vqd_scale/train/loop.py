@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
-import signal
 import time
 import warnings
 from dataclasses import dataclass
@@ -27,7 +26,6 @@ from vqd_scale.train.metrics import MetricsLogger, peak_flops, peak_memory_mb
 from vqd_scale.train.signals import EXIT_PREEMPTED, StopFlag
 
 TEXT_FILE = "text_encoder.safetensors"  # frozen text tower weights when text.pretrained is unset
-KILL_ENV = "VQD_TEST_KILL_AT_STEP"  # test hook: SIGKILL this process right after that step is logged
 
 
 @dataclass
@@ -173,7 +171,6 @@ def _loop(cfg, env, device, task, engine, ema, loader, state, logger, stop, run_
     accum, global_batch = cfg.deepspeed.grad_accum, cfg.data.batch_size * env.world_size
     gen = torch.Generator(device=device)
     peak = peak_flops(device)
-    kill_at = int(os.environ.get(KILL_ENV, "-1"))
     it = iter(loader)
     last_save = last_log = time.monotonic()
     acc = torch.zeros(3, device=device)  # running sums of loss, vlb, aux over the log interval
@@ -217,8 +214,6 @@ def _loop(cfg, env, device, task, engine, ema, loader, state, logger, stop, run_
             logger.log(state.step, metrics)
             acc.zero_()
             n_acc, wait, last_log, samples_at_log = 0, 0.0, now, state.samples_seen
-        if state.step == kill_at and env.is_main:
-            os.kill(os.getpid(), signal.SIGKILL)
         # ---- checkpoint / stop: every rank must agree, so decide in one collective ----------------
         due_time = env.is_main and time.monotonic() - last_save >= cfg.checkpoint.every_minutes * 60
         stop_now, due = D.agree([stop.raised, due_time or state.step % cfg.checkpoint.every_steps == 0], device)
