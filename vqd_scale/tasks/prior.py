@@ -1,0 +1,146 @@
+"""Shifted-diffusion prior training task: text → CLIP image embedding (Corgi), and embedding sampling.
+
+Frozen text tower gives the per-token context (and the text embedding when the batch has none);
+the component is chosen per pair from the mixture; z_t ~ q(z_t | z_0) around it; the prior predicts
+ẑ_0; loss = P2-weighted MSE in z space (+ the mixture losses when the mixture is learnable).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+from vqd_scale.config import PriorConfig, ShiftedDiffusionConfig, TextEncoderConfig
+from vqd_scale.diffusion.shifted import ShiftedGaussianDiffusion
+from vqd_scale.data.clusters import load_clusters
+from vqd_scale.models.prior import PriorModel, resolve_prior_size
+
+
+class TrainablePrior(PriorModel):
+    """The prior whose forward is one whole training step's loss.
+
+    A subclass (not a wrapper) so the state dict is exactly `PriorModel`'s; and the mixture is read
+    inside this forward, where ZeRO-3 has gathered its parameters.
+    """
+
+    def __init__(self, cfg: PriorConfig, shifted: ShiftedDiffusionConfig):
+        super().__init__(cfg, shifted.learnable_mixture, shifted.mixture_lr_scale)
+        self.shifted_cfg = shifted
+        self.diffusion = ShiftedGaussianDiffusion(shifted)  # plain tensors, not a module: moved in forward
+
+    def forward(self, z0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, text_emb: torch.Tensor,
+                context: torch.Tensor, drop_text: torch.Tensor, aux_noise: Optional[torch.Tensor] = None
+                ) -> tuple[torch.Tensor, dict]:
+        """(loss, metrics) for z0 [B,E] at t [B] with noise ε [B,E]; aux_noise [D,B,E] for a learnable mixture."""
+        if self.diffusion.betas.device != z0.device:
+            self.diffusion.to(z0.device)
+        c, mu, sigma, aux = self.mixture(text_emb, z0=z0, kappa=self.shifted_cfg.kappa, aux_noise=aux_noise)
+        mu, scale = self.diffusion.frame(mu, sigma, z0)
+        z_t = self.diffusion.q_sample(z0.float(), t, mu, scale, noise)
+        pred = self.denoise(z_t, t, text_emb, c, context, drop_text)
+        mse = self.diffusion.loss(pred, z0, t)
+        loss = mse.mean() + sum(aux.values(), torch.zeros((), device=z0.device))
+        metrics = {"loss": loss.detach(), "mse": mse.detach().mean(),
+                   "cos_x0": torch.nn.functional.cosine_similarity(pred.float(), z0.float(), dim=-1).detach().mean()}
+        metrics.update({k: v.detach() for k, v in aux.items()})
+        return loss, metrics
+
+
+class PriorTask:
+    """Loss of one micro-batch of (text tokens, CLIP image embedding[, text embedding]) pairs."""
+
+    gather_keys: tuple[str, ...] = ()
+
+    def __init__(self, prior_cfg: PriorConfig, shifted_cfg: ShiftedDiffusionConfig, text_cfg: TextEncoderConfig,
+                 device: torch.device, text_encoder=None):
+        from vqd_scale.models.text import FrozenCLIPTextEncoder
+
+        if shifted_cfg.shifted and shifted_cfg.clusters is None:
+            raise ValueError("shifted.shifted=true needs shifted.clusters (a .safetensors from "
+                             "tools/fit_prior_clusters.py); or set shifted.shifted=false for the plain-DDPM baseline")
+        self.device, self.cfg, self.shifted_cfg = device, prior_cfg, shifted_cfg
+        self.text = (text_encoder or FrozenCLIPTextEncoder(text_cfg)).to(device).eval().requires_grad_(False)
+        if self.text.width != prior_cfg.context_dim:
+            raise ValueError(f"prior.context_dim={prior_cfg.context_dim} but the text tower's width is "
+                             f"{self.text.width}; set prior.context_dim={self.text.width}")
+        self.module = TrainablePrior(prior_cfg, shifted_cfg)
+        if shifted_cfg.clusters is not None:
+            cl = load_clusters(shifted_cfg.clusters)
+            self.module.mixture.load_clusters(cl["means"], cl["stds"], cl["counts"])
+        self.model_config = {"prior": dataclasses.asdict(prior_cfg),
+                             "learnable_mixture": shifted_cfg.learnable_mixture}
+        self.diffusion = ShiftedGaussianDiffusion(shifted_cfg).to(device)
+        size = resolve_prior_size(prior_cfg)
+        seq = prior_cfg.context_len + 5
+        self.tokens_per_sample = 1
+        n_params = sum(p.numel() for p in self.module.parameters())
+        # 6·N per token for the matmuls + causal attention (QK and AV: 2·2·S·D per token per layer, halved)
+        self.flops_per_sample = seq * (6 * n_params + 6 * size.layers * seq * size.dim)
+
+    def text_inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context [B,L,W], text embedding [B,E]) from the frozen tower; the batch's text_emb if stored."""
+        tokens = batch["text_tokens"].to(self.device, non_blocking=True).long()
+        with torch.no_grad():
+            context = self.text(tokens)
+            text_emb = batch.get("text_emb")
+            text_emb = self.text.embed(tokens) if text_emb is None else text_emb.to(self.device).float()
+        return context, text_emb
+
+    def loss(self, module, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """Mean P2-weighted z_0 MSE (+ mixture losses) over the batch, plus metrics."""
+        if batch.get("image_emb") is None:
+            raise ValueError("the prior trains on CLIP image embeddings but the batch has no image_emb; "
+                             "set data.with_embeddings=true and extract the shards with --clip-model")
+        z0 = batch["image_emb"].to(self.device, non_blocking=True).float()
+        if z0.shape[1] != self.cfg.embed_dim:
+            raise ValueError(f"image embeddings are {z0.shape[1]}-d but prior.embed_dim={self.cfg.embed_dim}")
+        context, text_emb = self.text_inputs(batch)
+        B = z0.shape[0]
+        t = self.diffusion.sample_t(B, self.device, generator)
+        noise = torch.randn(z0.shape, generator=generator, device=self.device)
+        # own CFG dropout (shifted.text_dropout) on top of the loader's drop_text, drawn from the step generator
+        drop = torch.rand(B, generator=generator, device=self.device) < self.shifted_cfg.text_dropout
+        if "drop_text" in batch:
+            drop = drop | batch["drop_text"].to(self.device).bool()
+        aux_noise = None
+        if self.shifted_cfg.learnable_mixture:
+            aux_noise = torch.randn((self.shifted_cfg.num_aux_draws, *z0.shape), generator=generator, device=self.device)
+        return module(z0, t, noise, text_emb, context, drop, aux_noise)
+
+    def after_step(self, gathered: dict) -> None:
+        """No cross-rank state (uniform t)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+@torch.no_grad()
+def sample_embeddings(model: PriorModel, diffusion: ShiftedGaussianDiffusion, text_emb: torch.Tensor,
+                      context: Optional[torch.Tensor], steps: int, generator: Optional[torch.Generator] = None,
+                      guidance_scale: float = 1.0, clamp_x0: bool = False) -> torch.Tensor:
+    """Generated image embeddings [B,E]: z_T = μ_c + κσ_c ε, `steps` respaced ancestral steps, CFG via zeroed context."""
+    c, mu, sigma, _ = model.mixture(text_emb)
+    mu_s, scale = diffusion.frame(mu, sigma, text_emb.float())
+    bounds = (mu - 3 * sigma, mu + 3 * sigma) if clamp_x0 and diffusion.cfg.shifted else None
+    B = text_emb.shape[0]
+
+    def denoise(z, t):
+        if guidance_scale == 1.0:
+            return model.denoise(z, t, text_emb, c, context).float(), None
+        # one batched forward: first half conditional, second half with the zeroed context
+        drop = torch.arange(2 * B, device=z.device) >= B
+        ctx = None if context is None else torch.cat([context, context])
+        out = model.denoise(torch.cat([z, z]), torch.cat([t, t]), torch.cat([text_emb, text_emb]),
+                            torch.cat([c, c]), ctx, drop).float()
+        return out[:B], out[B:]
+
+    return diffusion.sample(denoise, mu_s, scale, steps, generator, guidance_scale, bounds)
+
+
+def build(cfg, device: torch.device) -> PriorTask:
+    """PriorTask from a RunConfig's prior, shifted and text sections."""
+    return PriorTask(cfg.prior, cfg.shifted, cfg.text, device)
