@@ -83,3 +83,28 @@ def test_import_back_is_identity(exported):
     ref = exported["model"].state_dict()
     assert set(sd) == set(ref) and all(torch.equal(sd[k], v) for k, v in ref.items())
     assert (cfg.num_classes, cfg.height, cfg.context_dim, cfg.num_timesteps) == (K, GRID, 64, T)
+
+
+def test_cli_round_trip(exported, tmp_path):
+    """vqd-export import (diffusers dir) → weights + yaml; to-diffusers from those → same transformer."""
+    from omegaconf import OmegaConf
+    from safetensors.torch import load_file
+    from vqd_scale.cli.export import main
+    from vqd_scale.config import RunConfig, save_config
+    w = tmp_path / "w.safetensors"
+    assert main(["import", str(exported["out"]), "--out", str(w)]) == 0
+    sd = load_file(str(w))
+    assert torch.equal(sd["out.weight"], exported["model"].state_dict()["out.weight"])
+    run = RunConfig()
+    run.model = TransformerConfig(**OmegaConf.to_container(OmegaConf.load(w.with_suffix(".yaml")))["model"])
+    run.text, run.diffusion = exported["text"].cfg, exported["dcfg"]
+    run.eval.sampler.steps = T
+    save_config(run, tmp_path / "config.yaml")
+    tok_dir = exported["image_tok"].save(tmp_path / "tok")
+    out = tmp_path / "pipe2"
+    assert main(["to-diffusers", "--weights", str(w), "--config", str(tmp_path / "config.yaml"),
+                 "--image-tokenizer", str(tok_dir), "--out", str(out)]) == 0
+    a = load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(exported["out"] / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert main(["to-diffusers", "--weights", str(w), "--image-tokenizer", str(tok_dir), "--out", str(out)]) != 0

@@ -55,3 +55,46 @@ def test_refusals_name_the_fix():
         from_diffusers(conf, dsd)
     with pytest.raises(ValueError, match="activation_fn"):
         from_diffusers({**conf, "activation_fn": "geglu"}, dsd, null_embedding=m.null_context)
+
+
+def _official_keys(sd):
+    """Write our weights under the official Text2ImageTransformer names (independent of official.py)."""
+    p = "transformer.transformer."
+    o = {p + "content_emb.emb.weight": sd["token_emb.weight"], p + "content_emb.height_emb.weight": sd["row_emb.weight"],
+         p + "content_emb.width_emb.weight": sd["col_emb.weight"], p + "to_logits.0.weight": sd["norm_out.weight"],
+         p + "to_logits.0.bias": sd["norm_out.bias"], p + "to_logits.1.weight": sd["out.weight"],
+         p + "to_logits.1.bias": sd["out.bias"], "transformer.empty_text_embed": sd["null_context"].double(),
+         "transformer.condition_emb.some_clip_weight": torch.zeros(3)}
+    for i in range(2):
+        b, q = f"blocks.{i}.", f"{p}blocks.{i}."
+        for ours, theirs in (("norm1", "ln1"), ("norm2", "ln1_1")):
+            for s in ("emb.weight", "linear.weight", "linear.bias"):
+                o[f"{q}{theirs}.{s}"] = sd[f"{b}{ours}.{s}"]
+        for s in ("weight", "bias"):
+            qq, kk, vv = sd[f"{b}qkv.{s}"].chunk(3)
+            o.update({f"{q}attn1.query.{s}": qq, f"{q}attn1.key.{s}": kk, f"{q}attn1.value.{s}": vv})
+            k2, v2 = sd[f"{b}kv2.{s}"].chunk(2)
+            o.update({f"{q}attn2.key.{s}": k2, f"{q}attn2.value.{s}": v2, f"{q}attn2.query.{s}": sd[f"{b}q2.{s}"]})
+            for ours, theirs in (("proj1", "attn1.proj"), ("proj2", "attn2.proj"), ("norm3", "ln2"),
+                                 ("fc1", "mlp.0"), ("fc2", "mlp.2")):
+                o[f"{q}{theirs}.{s}"] = sd[f"{b}{ours}.{s}"]
+    return o
+
+
+def test_official_checkpoint_import(tmp_path):
+    from vqd_scale.interop.official import load_official
+    from vqd_scale.models.transformer import VQDiffusionTransformer
+    raw, ema = make(seed=0), make(seed=1)
+    ema_official = {k[len("transformer."):]: v for k, v in _official_keys(ema.state_dict()).items()
+                    if k.startswith("transformer.transformer.")}
+    path = tmp_path / "official.pth"
+    torch.save({"model": _official_keys(raw.state_dict()), "ema": ema_official}, path)
+    cfg, sd = load_official(path, heads=2)  # EMA by default, like the official inference
+    m = VQDiffusionTransformer(cfg)
+    m.load_state_dict(sd, strict=True)
+    x, t, ctx = torch.randint(0, 31, (2, 16)), torch.tensor([2, 7]), torch.randn(2, 7, 24)
+    with torch.no_grad():
+        assert torch.allclose(m.eval()(x, t, ctx), ema(x, t, ctx), atol=1e-6)
+    cfg_raw, sd_raw = load_official(path, use_ema=False, heads=2)
+    assert torch.equal(sd_raw["out.weight"], raw.state_dict()["out.weight"])
+    assert (cfg.num_classes, cfg.height, cfg.context_dim, cfg.num_timesteps, cfg.layers) == (30, 4, 24, 10, 2)
