@@ -40,14 +40,14 @@ def _to_diffusers(a) -> Path:
     from vqd_scale.models.text import FrozenCLIPTextEncoder
     from vqd_scale.models.vqvae import ImageTokenizer
     if bool(a.checkpoint) == bool(a.weights):
-        raise SystemExit("vqd-export: give exactly one of --checkpoint or --weights")
+        raise ValueError("give exactly one of --checkpoint or --weights")
     if a.checkpoint:
         from vqd_scale.train.checkpoint import load_weights
         sd = load_weights(a.checkpoint, which=a.which)  # refuses incomplete checkpoints
         config = a.config or Path(a.checkpoint).resolve().parents[1] / "config.yaml"
     else:
         if not a.config:
-            raise SystemExit("vqd-export: --weights needs --config (the run's config.yaml)")
+            raise ValueError("--weights needs --config (the run's config.yaml)")
         sd, config = load_file(a.weights), a.config
     cfg = load_config(config)
     text = FrozenCLIPTextEncoder(cfg.text)
