@@ -108,3 +108,23 @@ def test_cli_round_trip(exported, tmp_path):
     b = load_file(str(exported["out"] / "transformer" / "diffusion_pytorch_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert main(["to-diffusers", "--weights", str(w), "--image-tokenizer", str(tok_dir), "--out", str(out)]) != 0
+
+
+def test_sample_cli_writes_pngs(exported, tmp_path):
+    from PIL import Image
+    from safetensors.torch import save_file
+    from vqd_scale.cli.sample import main
+    from vqd_scale.config import RunConfig, save_config
+    run = RunConfig()
+    run.model, run.text, run.diffusion = exported["model"].cfg, exported["text"].cfg, exported["dcfg"]
+    run.eval.sampler.steps = T
+    save_config(run, tmp_path / "config.yaml")
+    save_file(exported["model"].state_dict(), str(tmp_path / "w.safetensors"))
+    tok_dir = exported["image_tok"].save(tmp_path / "tok")
+    args = ["--weights", str(tmp_path / "w.safetensors"), "--config", str(tmp_path / "config.yaml"),
+            "--image-tokenizer", str(tok_dir), "--prompt", "a cat", "--prompt", "a dog", "--steps", "3",
+            "--guidance", "2", "--batch", "1", "--out", str(tmp_path / "s"), "--device", "cpu"]
+    assert main(args) == 0
+    assert Image.open(tmp_path / "s" / "00001.png").size == (8, 8)
+    assert (tmp_path / "s" / "grid.png").exists()
+    assert main(args[:6] + ["--out", str(tmp_path / "s2")]) == 2  # no prompts: clear error, exit 2
