@@ -105,9 +105,10 @@ def test_vqd_eval_end_to_end(run_dir):
     h = read_heldout(cfg.eval.shards, N)
     tok = ImageTokenizer.load(cfg.eval.tokenizer)
     clip = M.ClipFeatures("tiny", None)
-    gen = torch.Generator().manual_seed(cfg.eval.seed * 1_000_003)
-    imgs = torch.cat([tok.decode(generate(task.module, task.text, task.diffusion, h.text_tokens[i:i + 4],
-                                          cfg.eval.sampler, gen).view(-1, 8, 8)) for i in range(0, N, 4)])
+    # noise seeded per chunk of sampler.batch_size (chunk k: seed·1000003 + k), independent of the rank count
+    imgs = torch.cat([tok.decode(generate(task.module, task.text, task.diffusion, h.text_tokens[i:i + 4], cfg.eval.sampler,
+                                          torch.Generator().manual_seed(cfg.eval.seed * 1_000_003 + i // 4)).view(-1, 8, 8))
+                      for i in range(0, N, 4)])
     fake, real = clip(imgs), clip(tok.decode(h.image_tokens))
     assert m["fid"] == pytest.approx(M.fid_from_features(fake, real), rel=1e-5)
     assert m["clip_score"] == pytest.approx(float(M.clip_score(fake, clip.text(h.captions)).mean()), rel=1e-5)
@@ -147,3 +148,33 @@ def test_heldout_refusals(run_dir, tmp_path):
         read_heldout(str(tmp_path / "nope_{0..1}.tar"), 2)
     with pytest.raises(ValueError, match="eval.shards is empty"):
         read_heldout("", 2)
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_single_process_numbers(run_dir, tmp_path):
+    """torchrun with 2 gloo ranks: chunks split across ranks, gathered on rank 0 — same metrics as 1 process."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    copies = []
+    for name in ("one", "two"):
+        d = tmp_path / name
+        shutil.copytree(run_dir, d, ignore=shutil.ignore_patterns("eval"))
+        copies.append(d)
+    assert cli.main([str(copies[0]), "--step", "20", "logging.wandb_mode=disabled"]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(port), "-m", "vqd_scale.cli.eval", str(copies[1]), "--step", "20"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (json.loads((d / "eval" / "20.json").read_text()) for d in copies)
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    assert two["metrics"].keys() == one["metrics"].keys()
+    for k, v in one["metrics"].items():
+        assert two["metrics"][k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
+    assert proc.stdout.count("[eval step 20]") == 1  # written by rank 0 only

@@ -27,7 +27,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--force", action="store_true", help="with --step: re-evaluate even if a result exists")
     ap.add_argument("--config", default=None, help="config YAML instead of RUN_DIR/config.yaml")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.num_samples=1000")
-    a = ap.parse_args(argv)
+    a = ap.parse_intermixed_args(argv)  # overrides may come before or after the options
     if a.force and a.step is None:
         ap.error("--force needs --step N (results of other steps are kept)")
     return a

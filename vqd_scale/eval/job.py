@@ -47,20 +47,36 @@ class Ranks:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def mine(self, n: int) -> list[int]:
-        """Global indices this rank samples: a strided slice, so ranks differ by at most one item."""
-        return list(range(self.rank, n, self.world))
+    def chunks(self, n: int, size: int) -> list[tuple[int, list[int]]]:
+        """(global chunk id, sample indices) of the chunks this rank processes: chunk k → rank k mod world.
 
-    def gather_rows(self, x: torch.Tensor, n: int) -> torch.Tensor:
-        """Rows of `mine(n)` from every rank → all n rows in global order (same on every rank)."""
+        Sampling noise is seeded per global chunk, so results do not depend on the number of ranks.
+        """
+        return [(k, c) for k, c in enumerate(_chunks(list(range(n)), size)) if k % self.world == self.rank]
+
+    def gather_rows(self, x: torch.Tensor, n: int, size: int) -> torch.Tensor:
+        """Rows of this rank's `chunks(n, size)` from every rank → all n rows in global order, on every rank."""
         if self.world == 1:
             return x
-        per = math.ceil(n / self.world)
+        owned = [[i for k, c in enumerate(_chunks(list(range(n)), size)) if k % self.world == r for i in c]
+                 for r in range(self.world)]
+        per = max(map(len, owned))
         pad = x.new_zeros((per - x.shape[0], *x.shape[1:]))
-        g = D.all_gather_cat(torch.cat([x, pad]).to(self.device))  # [world·per, ...]
-        # global index i = r + world·j sits at (r, j): transpose to (j, r) and flatten
-        g = g.view(self.world, per, *x.shape[1:]).transpose(0, 1).reshape(self.world * per, *x.shape[1:])
-        return g[:n].cpu()
+        g = D.all_gather_cat(torch.cat([x, pad]).to(self.device)).cpu()  # [world·per, ...], rank order
+        g = g.view(self.world, per, *x.shape[1:])  # [world, per, ...]
+        out = x.new_empty((n, *x.shape[1:]))
+        for r, idx in enumerate(owned):
+            out[idx] = g[r, :len(idx)]
+        return out
+
+    def gather_objects(self, obj: Any) -> list:
+        """Every rank's picklable `obj`, in rank order, on every rank."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
 
     def decide(self, f: Callable[[], Any]) -> Any:
         """Run `f` on rank 0 and hand its (picklable) result to every rank."""
@@ -82,7 +98,11 @@ def setup_ranks() -> Ranks:
 
 
 def _chunks(idx: list[int], size: int) -> list[list[int]]:
-    return [idx[i:i + size] for i in range(0, len(idx), size)]
+    """Consecutive chunks of `size`; a last chunk of one joins the previous (batch statistics need two)."""
+    out = [idx[i:i + size] for i in range(0, len(idx), size)]
+    if len(out) > 1 and len(out[-1]) == 1:
+        out[-2] += out.pop()
+    return out
 
 
 class Evaluator:
@@ -166,19 +186,19 @@ class Evaluator:
             self._write(step, result, grid)
         return result
 
-    def _generator(self) -> torch.Generator:
-        # The same noise for every checkpoint (and per rank), so metric changes come from the weights.
-        return torch.Generator(self.r.device).manual_seed(self.cfg.eval.seed * 1_000_003 + self.r.rank)
+    def _generator(self, chunk_id: int) -> torch.Generator:
+        # The same noise for every checkpoint and any number of ranks: metric changes come from the weights.
+        return torch.Generator(self.r.device).manual_seed(self.cfg.eval.seed * 1_000_003 + chunk_id)
 
     def _vqd(self) -> tuple[dict, Optional[torch.Tensor]]:
         from vqd_scale.generate import generate
 
         e, h, mc = self.cfg.eval, self.heldout, self.cfg.model
-        n, idx, gen = len(h), self.r.mine(len(h)), self._generator()
+        n, bs = len(h), e.sampler.batch_size
         feats, clip_rows, attr_rows, grid = [], [], [], []
-        for chunk in _chunks(idx, e.sampler.batch_size):
+        for k, chunk in self.r.chunks(n, bs):
             tokens = generate(self.task.module, self.task.text, self.task.diffusion, h.text_tokens[chunk],
-                              e.sampler, gen)  # Long[b, N]
+                              e.sampler, self._generator(k))  # Long[b, N]
             images = self.tokenizer.decode(tokens.view(len(chunk), mc.height, mc.width))  # [b,3,H,W]
             captions = [h.captions[i] for i in chunk]
             img_emb = self.clip(images) if self.clip is not None else None
@@ -192,14 +212,14 @@ class Evaluator:
                 grid.append(images.cpu())
         out: dict[str, float] = {}
         if self.features is not None:
-            fake = self.r.gather_rows(torch.cat(feats), n)
+            fake = self.r.gather_rows(torch.cat(feats), n, bs)
             mu_r, sigma_r = self._reference()
             if self.r.is_main:
                 out["fid"] = M.frechet_distance(*M.gaussian_stats(fake), mu_r, sigma_r)
         if clip_rows:
-            out["clip_score"] = float(self.r.gather_rows(torch.cat(clip_rows), n).mean())
+            out["clip_score"] = float(self.r.gather_rows(torch.cat(clip_rows), n, bs).mean())
         if attr_rows:
-            out.update(M.attribute_summary(self.r.gather_rows(torch.cat(attr_rows), n)))
+            out.update(M.attribute_summary(self.r.gather_rows(torch.cat(attr_rows), n, bs)))
         return out, (torch.cat(grid)[:e.grid_size] if grid else None)
 
     def _reference(self) -> tuple:
@@ -209,31 +229,27 @@ class Evaluator:
             if e.reference_stats:
                 self._ref = M.load_stats(e.reference_stats)
             else:
+                bs = e.sampler.batch_size
                 rows = [self.features(self.tokenizer.decode(h.image_tokens[c].to(self.r.device))).double().cpu()
-                        for c in _chunks(self.r.mine(len(h)), e.sampler.batch_size)]
-                self._ref = M.gaussian_stats(self.r.gather_rows(torch.cat(rows), len(h)))
+                        for _, c in self.r.chunks(len(h), bs)]
+                self._ref = M.gaussian_stats(self.r.gather_rows(torch.cat(rows), len(h), bs))
         return self._ref
 
     def _prior(self) -> tuple[dict, None]:
-        from vqd_scale.tasks.prior import sample_embeddings
+        """G's DALLE2-style prior metrics (eval/prior_metrics.py) per global chunk, averaged over all chunks."""
+        from vqd_scale.eval.prior_metrics import prior_metrics
 
-        e, h, dev = self.cfg.eval, self.heldout, self.r.device
-        n, idx = len(h), self.r.mine(len(h))
-        unrelated = [(i + 1) % n for i in idx]  # the next held-out caption: a different prompt (control)
-        out: dict[str, float] = {}
-        for steps in e.prior_steps:
-            gen, rows = self._generator(), []
-            for chunk, other in zip(_chunks(idx, PRIOR_BATCH), _chunks(unrelated, PRIOR_BATCH)):
-                (ctx, text_emb), (ctx_u, text_emb_u) = (self.task.text_inputs(
-                    {"text_tokens": h.text_tokens[sel], "text_emb": None if h.text_emb is None else h.text_emb[sel]})
-                    for sel in (chunk, other))
-                pred, pred_u = (sample_embeddings(self.task.module, self.task.diffusion, te, c, steps, gen,
-                                                  e.sampler.guidance_scale, self.cfg.shifted.clamp_x0)
-                                for te, c in ((text_emb, ctx), (text_emb_u, ctx_u)))
-                rows.append(M.prior_cosine_rows(pred, h.image_emb[chunk].to(dev), text_emb, pred_u).cpu())
-            mean = self.r.gather_rows(torch.cat(rows), n).mean(0)
-            out.update({f"prior_{k}@{steps}": float(v) for k, v in zip(M.PRIOR_KEYS, mean)})
-        return out, None
+        e, h = self.cfg.eval, self.heldout
+        n = len(h)
+        parts = []
+        for k, chunk in self.r.chunks(n, PRIOR_BATCH):
+            context, text_emb = self.task.text_inputs(
+                {"text_tokens": h.text_tokens[chunk], "text_emb": None if h.text_emb is None else h.text_emb[chunk]})
+            parts.append((len(chunk), prior_metrics(self.task.module, self.cfg.shifted, h.image_emb[chunk], text_emb,
+                                                    context, steps=e.prior_steps, seed=e.seed * 1_000_003 + k)))
+        parts = [p for rank_parts in self.r.gather_objects(parts) for p in rank_parts]
+        total = sum(w for w, _ in parts)  # chunk means weighted by chunk size = mean over all pairs
+        return {name: sum(w * m[name] for w, m in parts) / total for name in parts[0][1]}, None
 
     # -- outputs (rank 0) ---------------------------------------------------------------------------
     def _write(self, step: int, result: dict, grid: Optional[torch.Tensor]) -> None:
