@@ -75,8 +75,6 @@ def _collate(batch: list[dict]) -> list[dict]:
 
 def extract_shard(cfg: ExtractConfig, input_path: str, tokenizer, tokenize, embedder=None) -> dict:
     """Tokenise one input shard into out_dir; returns (and writes) its done-marker dict."""
-    import webdataset as wds
-
     out_dir = Path(cfg.out_dir)
     final = out_dir / output_name(input_path)
     tmp = final.with_name(final.name + f".tmp{os.getpid()}")
@@ -89,7 +87,7 @@ def extract_shard(cfg: ExtractConfig, input_path: str, tokenizer, tokenize, embe
                                          batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                                          collate_fn=_collate)
     h, w = tokenizer.token_shape(cfg.resolution)
-    with wds.TarWriter(str(tmp), encoder=False) as sink:
+    with schema.tar_writer(tmp) as sink:
         for batch in loader:
             good = []
             for r in batch:

@@ -17,15 +17,13 @@ def write_random_token_shards(out_dir: str | Path, num_shards: int, per_shard: i
                               num_classes: int = 64, embed_dim: Optional[int] = None, seed: int = 0,
                               tokenizer_id: str = "random-000000000000", prefix: str = "") -> list[Path]:
     """Write `{prefix}{00000..}.tar` token shards + done-markers + manifest.json; returns shard paths."""
-    import webdataset as wds
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     paths, shards = [], []
     for s in range(num_shards):
         path = out / f"{prefix}{s:05d}.tar"
-        with wds.TarWriter(str(path), encoder=False) as sink:
+        with schema.tar_writer(path) as sink:
             for i in range(per_shard):
                 key = f"{prefix}{s:05d}{i:05d}"
                 emb = (lambda: rng.standard_normal(embed_dim).astype(np.float16)) if embed_dim else (lambda: None)
