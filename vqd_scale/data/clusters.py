@@ -97,6 +97,7 @@ def fit_clusters(chunks: Callable[[], Iterable[np.ndarray]], k: int, seed: int =
 def _limit(chunks: Iterable[np.ndarray], max_samples: Optional[int]) -> Iterator[np.ndarray]:
     left = max_samples
     for x in chunks:
+        x = np.asarray(x, dtype=np.float32)  # one dtype for fit and predict (sklearn's Cython needs it)
         if left is not None:
             if left <= 0:
                 return
