@@ -121,17 +121,19 @@ class SourceConfig:
 
 @dataclass
 class DataConfig:
-    """Streaming token-shard loader."""
+    """Streaming token-shard loader (semantics: docs/data-format.md)."""
     sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
-    manifest: Optional[str] = None  # token manifest; its tokenizer id must match `tokenizer_id`
-    tokenizer_id: Optional[str] = None
+    manifest: Optional[str] = None  # token manifest; None = manifest.json beside each source's shards
+    tokenizer_id: Optional[str] = None  # when set, the manifest's tokenizer id must equal it
     batch_size: int = 8  # per rank, per micro-step
-    num_workers: int = 2
-    resampled: bool = True
+    num_workers: int = 2  # DataLoader workers = deterministic streams per rank (resume needs the same number)
+    resampled: bool = True  # draw shards with replacement; False = split shards over ranks × workers
     epoch_samples: int = 10000  # samples per virtual epoch, over all ranks
     with_embeddings: bool = False
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = 1000  # within-shard shuffle block (samples); 0 = shard order
     seed: int = 0
+    timeout_s: float = 600.0  # a worker silent this long raises instead of hanging the job
+    max_consecutive_failures: int = 1000  # this many invalid records in a row raise ("all filtered out")
 
 
 @dataclass
@@ -264,6 +266,12 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     _check(cfg.data.epoch_samples > 0, "data.epoch_samples", "must be > 0")
     _check(all(s.weight > 0 for s in cfg.data.sources), "data.sources[].weight", "weights must be > 0")
+    _check(len(cfg.data.sources) > 0, "data.sources", "list at least one token-shard source")
+    _check(len({s.name for s in cfg.data.sources}) == len(cfg.data.sources), "data.sources[].name",
+           "source names must be distinct")
+    _check(cfg.data.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0 (0 keeps shard order)")
+    _check(cfg.data.timeout_s > 0, "data.timeout_s", "must be > 0 seconds")
+    _check(cfg.data.max_consecutive_failures >= 1, "data.max_consecutive_failures", "must be >= 1")
     _check(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage",
            f"got {cfg.deepspeed.zero_stage}; use 0, 1, 2 or 3")
     _check(cfg.deepspeed.precision in ("auto", "fp32", "bf16"), "deepspeed.precision",
@@ -306,6 +314,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(e.grid_size >= 1, "eval.grid_size", "must be >= 1")
     _check(len(e.prior_steps) > 0 and all(k >= 1 for k in e.prior_steps), "eval.prior_steps",
            "give at least one step count, each >= 1")
+    _check(cfg.task != "prior" or max(e.prior_steps) <= cfg.shifted.num_timesteps, "eval.prior_steps",
+           f"step counts must be <= shifted.num_timesteps={cfg.shifted.num_timesteps}")
     _check(e.poll_seconds > 0 and e.idle_timeout >= 0, "eval.poll_seconds", "poll_seconds > 0, idle_timeout >= 0")
     _check(e.lock_stale_seconds > 0, "eval.lock_stale_seconds", "must be > 0")
     _check(cfg.eval.sampler.steps <= d.num_timesteps, "eval.sampler.steps",

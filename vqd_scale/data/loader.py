@@ -58,14 +58,17 @@ class TokenLoader:
     """Per-rank loader over weighted token-shard sources; infinite iterator with exact resume state."""
 
     def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1, caption_dropout: float = 0.0,
-                 timeout_s: float = 600.0, max_consecutive_failures: int = 1000):
+                 timeout_s: Optional[float] = None, max_consecutive_failures: Optional[int] = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
         if not 0.0 <= caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1); got {caption_dropout}")
         if cfg.batch_size <= 0 or cfg.num_workers < 0 or cfg.epoch_samples <= 0:
             raise ValueError("data.batch_size and data.epoch_samples must be > 0, data.num_workers >= 0")
-        self.cfg, self.rank, self.world_size, self.timeout_s = cfg, rank, world_size, timeout_s
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.timeout_s = cfg.timeout_s if timeout_s is None else timeout_s
+        if max_consecutive_failures is None:
+            max_consecutive_failures = cfg.max_consecutive_failures
         self.num_streams = max(1, cfg.num_workers)
         sources, manifests = [], []
         for sc in cfg.sources:
