@@ -101,7 +101,8 @@ def _chunks(idx: list[int], size: int) -> list[list[int]]:
     """Consecutive chunks of `size`; a last chunk of one joins the previous (batch statistics need two)."""
     out = [idx[i:i + size] for i in range(0, len(idx), size)]
     if len(out) > 1 and len(out[-1]) == 1:
-        out[-2] += out.pop()
+        last = out.pop()  # (not `out[-2] += out.pop()`: the index would be taken before the pop)
+        out[-1] = out[-1] + last
     return out
 
 
