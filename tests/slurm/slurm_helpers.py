@@ -30,8 +30,9 @@ class Cluster:
     def env(self, **extra: str) -> dict:
         """Job environment: the cluster's SLURM_CONF, CPU DeepSpeed, this python, quiet wandb."""
         env = self.slurm.env
+        # WANDB_MODE wins over the config in vqd-train; wandb's service process dies on Slurm's SIGTERM
         env.update(PYTHON=sys.executable, VQD_ROOT=str(REPO), VQD_DEVICE="cpu", OMP_NUM_THREADS="1",
-                   WANDB_MODE="offline", WANDB_SILENT="true", HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu",
+                   WANDB_MODE="disabled", WANDB_SILENT="true", HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu",
                    PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         env.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/vqd_scale/torch_extensions"))
         env.update(extra)

@@ -12,6 +12,7 @@ import math
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -105,31 +106,58 @@ def test_bad_config_path_fails_with_message(slurm_cluster):
     assert "CONFIG=configs/does_not_exist.yaml does not exist" in c.log_tail(jid)
 
 
-def test_c_preemption_checkpoints_requeues_and_continues(slurm_cluster, jobs):
-    # first of the job tests: (c) must still be running when it is signalled
-    c, run, jid = slurm_cluster, jobs["run_c"], jobs["c"]
-    c.wait_for(lambda: _complete_steps(run), TIMEOUT, "the first complete checkpoint", jid)
-    c.run(["scancel", "--signal=USR1", "--batch", jid])  # what --signal=B:USR2@T does near the limit
+@pytest.fixture(scope="module")
+def preempted(slurm_cluster, jobs) -> dict:
+    """Pre-empt (c) and (d) once each has a complete checkpoint; returns the signal times."""
+    c, sent = slurm_cluster, {}
+    for key in ("c", "d"):
+        jid, run = jobs[key], jobs[f"run_{key}"]
+        c.wait_for(lambda: _complete_steps(run), TIMEOUT, "the first complete checkpoint", jid)
+        if key == "c":  # what --signal=B:USR2@T does near the time limit, to the batch shell
+            c.run(["scancel", "--signal=USR1", "--batch", jid])
+        else:  # what submitit's job._interrupt() sends on pre-emption: TERM, then its USR2 to every task
+            c.run(["scancel", jid, "--signal", "SIGTERM"])
+            c.run(["scancel", jid, "--signal", "USR2"])
+        sent[key] = time.time()
+    return sent
+
+
+def _check_continues(c, jobs, key: str) -> int:
+    """The requeued run's metrics go 1..saved then saved+1..STEPS and equal the uninterrupted run (a)'s."""
+    jid, run = jobs[key], jobs[f"run_{key}"]
     info = c.wait_done(jid, TIMEOUT)
     c.assert_completed(jid, info)
-    assert int(info["Restarts"]) >= 1
-    events = read_jsonl(run / "slurm_jobs.jsonl")
-    assert [e["event"] for e in events] == ["start", "requeue", "start"], events
-    assert [e["restart_count"] for e in events if e["event"] == "start"] == [0, 1]
-    log = c.log_tail(jid, n=400)
+    assert int(info["Restarts"]) >= 1, f"job {jid} was not requeued\n{c.log_tail(jid)}"
+    log = "\n".join(p.read_text(errors="replace") for p in _logs(c, jobs, key))
     saved = int(re.search(r"checkpoint written at step (\d+)", log).group(1))
-    assert f"resumed from" in log and f"at step {saved}" in log
+    assert f"at step {saved} (" in log, "the requeued job did not resume from the pre-emption checkpoint"
     assert 4 <= saved < STEPS
     metrics = read_jsonl(run / "metrics.jsonl")
-    requeue_time = events[1]["time"]
-    before = [m["step"] for m in metrics if m["time"] < requeue_time]
-    after = [m["step"] for m in metrics if m["time"] > requeue_time]
-    assert before == list(range(1, saved + 1)) and after == list(range(saved + 1, STEPS + 1))
+    # each step logged exactly once: resume started right after the pre-emption checkpoint
+    assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
     # the requeued run continues the uninterrupted run (a) exactly: same config, seed, data and world size
     c.wait_done(jobs["a"], TIMEOUT)
     loss_a = {m["step"]: m["loss"] for m in read_jsonl(jobs["run_a"] / "metrics.jsonl")}
     for m in metrics:
         assert math.isclose(m["loss"], loss_a[m["step"]], rel_tol=1e-6, abs_tol=1e-7), (m["step"], m["loss"])
+    return saved
+
+
+def _logs(c, jobs, key: str) -> list[Path]:
+    if key == "d":  # submitit: one log per task
+        return sorted((c.work / "submitit").glob(f"{jobs['d']}_*_log.*"))
+    return [Path(c.job(jobs[key])["StdOut"])]
+
+
+def test_c_preemption_checkpoints_requeues_and_continues(slurm_cluster, jobs, preempted):
+    c, run = slurm_cluster, jobs["run_c"]
+    saved = _check_continues(c, jobs, "c")
+    events = read_jsonl(run / "slurm_jobs.jsonl")
+    assert [e["event"] for e in events] == ["start", "requeue", "start"], events
+    assert [e["restart_count"] for e in events if e["event"] == "start"] == [0, 1]
+    assert events[0]["time"] < preempted["c"] < events[1]["time"] < events[2]["time"]
+    metrics = read_jsonl(run / "metrics.jsonl")
+    assert max(m["step"] for m in metrics if m["time"] < events[1]["time"]) == saved
     from vqd_scale.launch.timeline import timeline
     rows = timeline(run)
     assert [r["restart_count"] for r in rows] == [0, 1]
@@ -162,12 +190,12 @@ def test_b_eval_after_training_writes_results(slurm_cluster, jobs):
     assert "fid" in json.dumps(result) and "clip_score" in json.dumps(result), result
 
 
-def test_d_submitit_submits_training(slurm_cluster, jobs):
-    c, run, jid = slurm_cluster, jobs["run_d"], jobs["d"]
-    c.assert_completed(jid, c.wait_done(jid, TIMEOUT))
+def test_d_submitit_training_checkpoints_requeues_and_continues(slurm_cluster, jobs, preempted):
+    c, jid = slurm_cluster, jobs["d"]
     stdout = Path(re.search(r"train: job \d+  stdout (\S+)", jobs["d_stdout"]).group(1))
+    _check_continues(c, jobs, "d")
     assert stdout.exists(), f"submit.py printed a log path that was never written: {stdout}"
-    assert _complete_steps(run)[-1] == STEPS
+    assert "Requeued job" in "\n".join(p.read_text() for p in _logs(c, jobs, "d"))  # TrainJob.checkpoint()
     # submitit's result pickle says the callable returned (read directly: no accounting for job.result())
     import pickle
     result = pickle.loads(next((c.work / "submitit").glob(f"{jid}_0_result.pkl")).read_bytes())

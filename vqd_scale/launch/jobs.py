@@ -30,6 +30,22 @@ def _distributed_env() -> dict:
     return env
 
 
+def _wait_exit(proc: subprocess.Popen, timeout: float) -> bool:
+    """Wait for `proc` to end without Popen's wait lock: submitit calls checkpoint() from a signal
+    handler that interrupted `proc.wait()` in this same thread, which still holds that lock."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            pid, status = os.waitpid(proc.pid, os.WNOHANG)
+        except ChildProcessError:  # already reaped
+            return True
+        if pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return True
+        time.sleep(0.2)
+    return False
+
+
 def _run(cmd: list[str], on_proc=None) -> int:
     """Run `cmd`, exposing the Popen to `on_proc` (so a signal handler can reach it); return its status."""
     proc = subprocess.Popen(cmd, env=_distributed_env())
@@ -70,11 +86,9 @@ class TrainJob(submitit.helpers.Checkpointable):
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
         """Make the trainer save (at its next step boundary), then requeue a fresh copy of this job."""
         proc = self._proc
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGUSR2)
-            try:
-                proc.wait(timeout=self.save_timeout_s)
-            except subprocess.TimeoutExpired:
+        if proc is not None and proc.returncode is None:
+            os.kill(proc.pid, signal.SIGUSR2)  # harmless if it already exited and is not reaped yet
+            if not _wait_exit(proc, self.save_timeout_s):
                 print(f"vqd-train did not exit {self.save_timeout_s:.0f} s after SIGUSR2; requeuing anyway "
                       "(the run resumes from the newest complete checkpoint)", file=sys.stderr, flush=True)
         fresh = TrainJob(self.config, self.overrides, self.python, self.save_timeout_s)
