@@ -34,7 +34,8 @@ def tokens(tmp_path_factory):
     spec = SyntheticSpec(num_shards=2, samples_per_shard=64, resolution=32, seed=0)
     write_shards(root / "raw", spec)
     torch.manual_seed(0)
-    imgs = torch.stack([torch.from_numpy(np.array(make_sample(spec, 99, i)[0])) for i in range(64)]).permute(0, 3, 1, 2).float() / 127.5 - 1  # [64,3,32,32]
+    imgs = np.stack([np.array(make_sample(spec, 99, i)[0]) for i in range(64)])  # [64,32,32,3] uint8
+    imgs = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1  # [64,3,32,32] in [-1,1]
     KMeansTokenizer.fit(imgs, patch=8, num_codes=32, seed=0).save(root / "tok")  # 4×4 tokens
     assert extract(["--inputs", str(root / "raw" / "{00000..00001}.tar"), "--out-dir", str(root / "tok_shards"),
                     "--tokenizer", str(root / "tok"), "--resolution", "32", "--no-progress"]) in (0, None)

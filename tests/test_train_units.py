@@ -115,10 +115,12 @@ def test_list_resume_prune(tmp_path):
 
 
 def test_other_model_size_refused():
-    saved = {"size": "debug", "layers": None, "num_classes": 64}
-    C.check_same_model(saved, dict(saved, activation_checkpointing=True), "ck")  # a memory switch, same model
+    m = {"size": "debug", "layers": None, "num_classes": 64, "activation_checkpointing": False}
+    C.check_same_model({"model": m}, {"model": dict(m, activation_checkpointing=True)}, "ck")  # memory switch only
     with pytest.raises(ValueError, match=r"model.size: checkpoint 'debug' vs config 'S'"):
-        C.check_same_model(saved, dict(saved, size="S"), "ck")
+        C.check_same_model({"model": m}, {"model": dict(m, size="S")}, "ck")
+    with pytest.raises(ValueError, match=r"model.num_classes: checkpoint 64 vs config 128"):
+        C.check_same_model({"model": m}, {"model": dict(m, num_classes=128)}, "ck")
 
 
 def test_stop_flag_catches_preemption_signals():

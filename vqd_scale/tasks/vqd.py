@@ -42,7 +42,7 @@ class VQDTask:
         self.text = FrozenCLIPTextEncoder(text_cfg).to(device).eval()
         self.text.requires_grad_(False)
         self.module = TrainableVQD(model_cfg)
-        self.model_config = dataclasses.asdict(model_cfg)
+        self.model_config = {"model": dataclasses.asdict(model_cfg)}  # compared on resume (flattened keys)
         self.diffusion = MaskAndReplace(diffusion_cfg, model_cfg.num_classes).to(device)
         self.sampler = ImportanceSampler(diffusion_cfg.num_timesteps, diffusion_cfg)
         size = resolve_size(model_cfg)

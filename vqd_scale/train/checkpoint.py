@@ -137,6 +137,7 @@ def save_checkpoint(run_dir: Path, step: int, engine, rank: int, world_size: int
     if os.environ.get(CRASH_ENV) == str(step):
         os.kill(os.getpid(), signal.SIGKILL)  # every rank dies here, as in a node loss mid-save
     if rank == 0:
+        # "model" is the task's model config: readers compare it to refuse another model size.
         info = {"step": step, "samples_seen": trainer_state["samples_seen"], "world_size": world_size,
                 "zero_stage": trainer_state["zero_stage"], "model": trainer_state["model_config"]}
         _write_atomic(path / COMPLETE, json.dumps(info, indent=1, sort_keys=True))
@@ -172,11 +173,19 @@ def load_rank_state(ckpt_dir: Path, rank: int) -> dict:
     return torch.load(ckpt_dir / f"rank_{rank:05d}.pt", map_location="cpu", weights_only=False)
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def check_same_model(saved: dict, current: dict, where: str) -> None:
     """Refuse a checkpoint whose model config differs from this run's (e.g. another model size)."""
+    saved, current = _flat(saved), _flat(current)
     diff = {k: (saved.get(k), current.get(k)) for k in sorted(set(saved) | set(current))
-            if saved.get(k) != current.get(k) and k != "activation_checkpointing"}
+            if saved.get(k) != current.get(k) and not k.endswith("activation_checkpointing")}
     if diff:
-        shown = ", ".join(f"model.{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in list(diff.items())[:4])
+        shown = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in list(diff.items())[:4])
         raise ValueError(f"checkpoint {where} was trained with a different model ({shown}); use a run "
                          "directory/checkpoint of this model size, or set the model section to match")

@@ -56,12 +56,6 @@ def resolve_data_dependent(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=K))
 
 
-def check_checkpoint_compatible(cfg: RunConfig, ckpt: Path) -> None:
-    """Refuse (before any process group) a checkpoint of another model (e.g. another size)."""
-    info = ckpt_io.read_complete(ckpt)
-    ckpt_io.check_same_model(info["model"], dataclasses.asdict(cfg.model), str(ckpt))
-
-
 def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -89,20 +83,19 @@ def run(cfg: RunConfig, resume: Optional[str] = None, init_from: Optional[str] =
     run_dir = Path(cfg.run_dir)
     cfg = resolve_data_dependent(cfg)
     ckpt = ckpt_io.resolve_resume(run_dir, resume)
-    if ckpt is not None:
-        check_checkpoint_compatible(cfg, ckpt)
-    D.init_distributed(env)
     device = D.device_for(env)
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
     # Same seed on every rank while building: a random-init frozen text tower must be identical on all
     # ranks, and ZeRO-3 partitions each rank's own initial copy (no broadcast from rank 0).
     _seed_all(cfg.seed)
     task = build_task(cfg, device)
+    if ckpt is not None:  # refuse another model (e.g. size) before any process group exists
+        ckpt_io.check_same_model(ckpt_io.read_complete(ckpt)["model"], task.model_config, str(ckpt))
+    D.init_distributed(env)
     _seed_all(cfg.seed + env.rank)  # per-rank randomness (dropout) from here on
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
     text = getattr(task, "text", None)
     if env.is_main and text is not None and not cfg.text.pretrained:
         # Random-init text tower (tests/demo): readers of the run dir load it from here.
@@ -159,7 +152,7 @@ def run(cfg: RunConfig, resume: Optional[str] = None, init_from: Optional[str] =
 def _save(cfg, env, engine, ema, task, loader, state, run_dir, config_yaml) -> Path:
     trainer_state = {"step": state.step, "samples_seen": state.samples_seen, "world_size": env.world_size,
                      "zero_stage": cfg.deepspeed.zero_stage, "task": task.state_dict(),
-                     "model_config": dataclasses.asdict(cfg.model), "config": to_dict(cfg)}
+                     "model_config": task.model_config, "config": to_dict(cfg)}
     rank_state = {"rng": ckpt_io.rng_state(),
                   "loader": loader.state_dict() if hasattr(loader, "state_dict") else None}
     return ckpt_io.save_checkpoint(run_dir, state.step, engine, env.rank, env.world_size, trainer_state, rank_state,
@@ -173,7 +166,7 @@ def _loop(cfg, env, device, task, engine, ema, loader, state, logger, stop, run_
     peak = peak_flops(device)
     it = iter(loader)
     last_save = last_log = time.monotonic()
-    acc = torch.zeros(3, device=device)  # running sums of loss, vlb, aux over the log interval
+    acc: dict[str, torch.Tensor] = {}  # running sums of the task's scalar metrics over the log interval
     n_acc, wait, samples_at_log = 0, 0.0, state.samples_seen
     while state.samples_seen < cfg.max_samples:
         # ---- one optimizer step (accum micro-steps) --------------------------------------------
@@ -192,7 +185,9 @@ def _loop(cfg, env, device, task, engine, ema, loader, state, logger, stop, run_
             engine.backward(loss)
             engine.step()  # DeepSpeed steps the optimizer (clip + AdamW) only at the accumulation boundary
             task.after_step({k: D.all_gather_cat(m[k]) for k in task.gather_keys})
-            acc += torch.stack([m["loss"], m["vlb"], m["aux"]]).float()
+            for k, v in m.items():
+                if k not in task.gather_keys and v.dim() == 0:
+                    acc[k] = acc.get(k, 0.0) + v.float()
             n_acc += 1
             state.samples_seen += global_batch
         state.step += 1
@@ -201,10 +196,11 @@ def _loop(cfg, env, device, task, engine, ema, loader, state, logger, stop, run_
         final = state.samples_seen >= cfg.max_samples
         if state.step % cfg.logging.every_steps == 0 or final:
             now = time.monotonic()
-            loss_, vlb_, aux_ = (D.mean_over_ranks(acc) / n_acc).tolist()
+            keys = sorted(acc)  # same keys in the same order on every rank
+            means = (D.mean_over_ranks(torch.stack([acc[k] for k in keys])) / n_acc).tolist()
             sps = (state.samples_seen - samples_at_log) / max(now - last_log, 1e-9)
             grad_norm = engine.get_global_grad_norm()
-            metrics = {"loss": loss_, "vlb": vlb_, "aux": aux_, "lr": lr,
+            metrics = {**dict(zip(keys, means)), "lr": lr,
                        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                        "samples_seen": state.samples_seen, "samples_per_s": sps,
                        "tokens_per_s": sps * task.tokens_per_sample, "data_wait": wait / max(now - last_log, 1e-9),
@@ -212,7 +208,7 @@ def _loop(cfg, env, device, task, engine, ema, loader, state, logger, stop, run_
             if peak and task.flops_per_sample:
                 metrics["mfu"] = task.flops_per_sample * sps / (peak * env.world_size)
             logger.log(state.step, metrics)
-            acc.zero_()
+            acc.clear()
             n_acc, wait, last_log, samples_at_log = 0, 0.0, now, state.samples_seen
         # ---- checkpoint / stop: every rank must agree, so decide in one collective ----------------
         due_time = env.is_main and time.monotonic() - last_save >= cfg.checkpoint.every_minutes * 60
