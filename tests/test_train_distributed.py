@@ -105,6 +105,7 @@ def test_zero2_two_ranks_learns_and_writes_run_dir(zero2_run):
     _learned(zero2_run)
     assert [s for s, _ in C.list_complete(zero2_run)] == [8, 12]  # keep_last=2 pruned step 4
     assert (zero2_run / "checkpoints" / "latest").read_text().strip() == "step_00000012"
+    assert (zero2_run / "DONE").exists() and (zero2_run / "text_encoder.safetensors").exists()
     info = json.loads((zero2_run / "checkpoints" / "step_00000012" / "complete.json").read_text())
     assert info["world_size"] == 2 and info["samples_seen"] == 12 * BATCH * 2
     ema, raw = (C.load_weights(zero2_run / "checkpoints" / "step_00000012", w) for w in ("ema", "model"))

@@ -26,6 +26,7 @@ from vqd_scale.train.metrics import MetricsLogger, peak_flops, peak_memory_mb
 from vqd_scale.train.signals import EXIT_PREEMPTED, StopFlag
 
 TEXT_FILE = "text_encoder.safetensors"  # frozen text tower weights when text.pretrained is unset
+DONE_FILE = "DONE"  # written when max_samples is reached: eval watchers stop polling
 
 
 @dataclass
@@ -95,6 +96,7 @@ def run(cfg: RunConfig, resume: Optional[str] = None, init_from: Optional[str] =
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+        (run_dir / DONE_FILE).unlink(missing_ok=True)  # training (again) in progress
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
     text = getattr(task, "text", None)
     if env.is_main and text is not None and not cfg.text.pretrained:
@@ -223,4 +225,6 @@ def _loop(cfg, env, device, task, engine, ema, loader, state, logger, stop, run_
                 print(f"preemption signal {stop.signum}: checkpoint written at step {state.step}; exiting "
                       f"with code {EXIT_PREEMPTED} for requeue", flush=True)
             return EXIT_PREEMPTED
+    if env.is_main:
+        (run_dir / DONE_FILE).write_text(f"{state.step} {state.samples_seen}\n")
     return 0
