@@ -189,3 +189,30 @@ def test_state_mismatch_is_refused(shards):
         TokenLoader(cfg_for(shards), 1, 2).load_state_dict(a.state_dict())
     counts = Counter(k for b in take(a, 16) for k in b["key"])
     assert max(counts.values()) <= 2  # within a 64-sample epoch a key is not drawn many times
+
+
+def test_fast_tar_reader_matches_tarfile(tmp_path, shards):
+    """The header-parsing fast path returns exactly what tarfile returns; PAX tars fall back; cut tails raise."""
+    import tarfile
+
+    from vqd_scale.data.stream import _members, _ustar_members, read_shard
+
+    path = shards / "a" / "a00000.tar"
+    with tarfile.open(path) as tf:
+        ref = [(m.name, tf.extractfile(m).read()) for m in tf if m.isfile()]
+    assert _ustar_members(path.read_bytes())[1] is None and list(_members(str(path))) == ref
+    pax = tmp_path / "pax.tar"
+    with wds.TarWriter(str(pax)) as w:  # float mtimes → PAX headers
+        w.write({"__key__": "k" * 120, "txt": b"long key"})
+    assert _ustar_members(pax.read_bytes()) is None
+    assert list(_members(str(pax))) == [("k" * 120 + ".txt", b"long key")]
+    cut = tmp_path / "cut.tar"
+    for n in (5000, 6 * 1024 * 5 + 100):  # inside a header, inside a member's data
+        cut.write_bytes(path.read_bytes()[:n])
+        with pytest.raises(tarfile.ReadError):
+            list(_members(str(cut)))
+        errors = {}
+        got = list(read_shard(str(cut), errors))
+        assert errors["shard_read_error"] == 1
+        # complete samples before the cut survive, the half-read one is dropped
+        assert len(got) == n // (6 * 1024) and all(len(g) == 7 for g in got)  # 6 members of 1 KiB + __key__
