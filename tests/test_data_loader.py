@@ -214,5 +214,5 @@ def test_fast_tar_reader_matches_tarfile(tmp_path, shards):
         errors = {}
         got = list(read_shard(str(cut), errors))
         assert errors["shard_read_error"] == 1
-        # complete samples before the cut survive, the half-read one is dropped
-        assert len(got) == n // (6 * 1024) and all(len(g) == 7 for g in got)  # 6 members of 1 KiB + __key__
+        # samples before the cut survive; the one being read when it fails is dropped (it may miss members)
+        assert len(got) == max(n // (6 * 1024) - 1, 0) and all(len(g) == 7 for g in got)  # 6 × 1 KiB + key
