@@ -202,7 +202,10 @@ class LocalSlurm:
         return "\n".join(out)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM exactly the daemons we started (SIGKILL after `timeout`), then restore /etc/hosts."""
+        """Cancel our jobs, SIGTERM exactly the daemons we started (SIGKILL after `timeout`), end any
+        job process they left behind, then restore /etc/hosts."""
+        if self.pids.get("slurmctld") and _alive(self.pids["slurmctld"]):
+            self._cancel_jobs(timeout=30.0)
         order = [k for k in self.pids if k.startswith("slurmd")] + ["slurmctld", "munged"]
         for name in order:
             pid = self.pids.get(name)
@@ -215,10 +218,48 @@ class LocalSlurm:
                 time.sleep(0.1)
             if pid and _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+        self._end_job_processes(timeout)
         if self.hosts_line:
             _remove_hosts_line(self.hosts_line)
         self.pids = {}
         self._save_pids()
+
+    def _cancel_jobs(self, timeout: float) -> None:
+        """scancel every job of this cluster and wait until the queue is empty (steps reaped)."""
+        def queued() -> list[str]:
+            r = subprocess.run(["squeue", "-h", "-o", "%i"], env=self.env, capture_output=True, text=True, timeout=30)
+            return r.stdout.split() if r.returncode == 0 else []
+        ids = queued()
+        if ids:
+            subprocess.run(["scancel", *ids], env=self.env, capture_output=True, timeout=30)
+        end = time.time() + timeout
+        while queued() and time.time() < end:
+            time.sleep(0.5)
+
+    def _end_job_processes(self, timeout: float) -> None:
+        """slurmstepd and job processes of *this* cluster that outlived its daemons (they carry our
+        SLURM_CONF and, for job processes, a SLURM_JOB_ID; a login shell with SLURM_CONF has none)."""
+        mine = f"SLURM_CONF={self.conf}".encode()
+        left = []
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit() or int(d.name) == os.getpid():
+                continue
+            try:
+                env = (d / "environ").read_bytes().split(b"\0")
+                comm = (d / "comm").read_text().strip()
+            except OSError:
+                continue
+            if mine in env and (comm == "slurmstepd" or any(e.startswith(b"SLURM_JOB_ID=") for e in env)):
+                left.append(int(d.name))
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in left:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            end = time.time() + timeout
+            while any(_alive(p) for p in left) and time.time() < end:
+                time.sleep(0.1)
 
     @classmethod
     def attach(cls, root: str | Path) -> "LocalSlurm":
@@ -240,7 +281,10 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    return True
+    try:  # a zombie nobody reaps (orphans under some container inits) is dead for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -88,8 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         print(info.line(), flush=True)
     else:
         args = a.extract_args[1:] if a.extract_args[:1] == ["--"] else a.extract_args
-        _, info = submit_extract(a.inputs, args, a.folder, a.cluster, res, a.num_tasks, a.python)
-        print(info.line(), flush=True)
+        _, infos = submit_extract(a.inputs, args, a.folder, a.cluster, res, a.num_tasks, a.python)
+        for info in infos:
+            print(info.line(), flush=True)
     return 0
 
 

@@ -61,9 +61,10 @@ def tokens(slurm_cluster) -> Path:
                "--inputs", f"{raw}/{{00000..00001}}.tar", "--cpus-per-task", "1", "--time", "10",
                "--", "--out-dir", str(out), "--tokenizer", str(tok), "--resolution", "32", "--num-workers", "0",
                "--no-progress"])
-    array_id = re.search(r"job (\d+)_0", r.stdout).group(1)
-    for i in range(2):
-        c.assert_completed(f"{array_id}_{i}", c.wait_done(f"{array_id}_{i}", TIMEOUT))
+    array_id = re.search(r"extract\[2 tasks\]: job (\d+)_0", r.stdout).group(1)
+    manifest_job = re.search(r"manifest: job (\d+)", r.stdout).group(1)
+    for jid in (f"{array_id}_0", f"{array_id}_1", manifest_job):
+        c.assert_completed(jid, c.wait_done(jid, TIMEOUT))
     assert sorted(p.name for p in out.glob("*.done.json")) == ["00000.done.json", "00001.done.json"]
     manifest = yaml.safe_load((out / "manifest.json").read_text())
     assert manifest["totals"]["written"] == 64, manifest

@@ -99,8 +99,18 @@ def expand_shards(pattern: str) -> list[str]:
 
 def submit_extract(inputs: str, extract_args: Sequence[str], folder: str | Path, cluster: str, res: Resources,
                    num_tasks: Optional[int] = None, python: str = sys.executable):
-    """Submit a job array of `vqd-extract` tasks, by default one per input shard."""
+    """Submit a job array of `vqd-extract` tasks (by default one per input shard) and, on SLURM, one
+    task after it that writes the final manifest.json (returns the jobs and one JobInfo per submission)."""
     n = num_tasks or len(expand_shards(inputs))
     ex = make_executor(folder, cluster, res, "vqd-extract")
     jobs = ex.map_array(ExtractTask(inputs, extract_args, n, python), list(range(n)))
-    return jobs, _info(f"extract[{n} tasks]", jobs[0])
+    infos = [_info(f"extract[{n} tasks]", jobs[0])]
+    if cluster == "slurm":
+        # every task rewrites manifest.json when it ends; two ending together can each miss the other's
+        # shard, so one pass over all inputs (finished ones are skipped) writes the final manifest
+        array_id = str(jobs[0].job_id).split("_")[0]
+        mex = make_executor(folder, cluster, res, "vqd-extract-manifest", dependency=f"afterok:{array_id}")
+        mjob = mex.submit(ExtractTask(inputs, [*extract_args, "--fail-on-invalid-shard"], 1, python), 0)
+        jobs.append(mjob)
+        infos.append(_info("manifest", mjob))
+    return jobs, infos
