@@ -111,6 +111,8 @@ def _ustar_members(data: bytes) -> Optional[tuple[list[tuple[str, int, int]], Op
     tarfile (PAX / long-name entries). Checksums are verified; `error` says where a damaged or cut-off
     tar stops (the members before it are listed)."""
     out, off, n = [], 0, len(data)
+    if n == 0:
+        return out, "empty file (zero-byte shard)"
     while off < n:
         if off + 512 > n:
             return out, f"partial header at offset {off} (truncated shard)"
