@@ -10,6 +10,7 @@ k-means tokenizer on CPU. Targets: (b) ≥ 20k samples/s and ≥ 50 % of (a).
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import subprocess
 import tarfile
@@ -89,7 +90,9 @@ def main() -> None:
         n_ext, t_ext = extraction_rate(tmp, a.extract_images)
     raw, one, full = n_raw / t_raw, n_one / t_one, n_all / t_all
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, commit {commit}")
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() else platform.machine()
+    print(f"machine: {cpu}, {os.cpu_count()} cores, load avg {os.getloadavg()[0]:.1f}, commit {commit}")
     print(f"records: 32x32 int16 tokens + 77 int32 text{' + 2x512 fp16 emb' if a.embeddings else ''}, "
           f"({rec_kib:.1f} KiB per record in the tar), batch {a.batch}")
     print(f"raw tarfile ceiling:       {raw:10.0f} samples/s")
