@@ -26,6 +26,7 @@ setup(
         "pyyaml",
         "tqdm",
         "matplotlib",
+        "pytorch-fid",  # FID Inception-v3 (eval.feature_extractor=inception) and the Fréchet oracle in tests
     ],
     extras_require={"test": ["pytest", "pytest-timeout"]},
     entry_points={

@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from vqd_scale.config import RunConfig
-from vqd_scale.data.schema import write_json_atomic
+from vqd_scale.data.schema import read_manifest, write_json_atomic
 from vqd_scale.eval import metrics as M
 from vqd_scale.eval import plots
 from vqd_scale.eval.heldout import HeldOut, read_heldout
@@ -93,7 +93,13 @@ def setup_ranks() -> Ranks:
     env = D.detect_env()
     device = D.device_for(env)
     if env.world_size > 1:
-        D.init_distributed(env)
+        import torch.distributed as dist
+        # Plain torch.distributed (no DeepSpeed import: seconds per rank, and eval needs no engine);
+        # env:// reads what detect_env derived, e.g. from SLURM.
+        os.environ.update(RANK=str(env.rank), LOCAL_RANK=str(env.local_rank), WORLD_SIZE=str(env.world_size),
+                          MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=env.rank,
+                                world_size=env.world_size)
     return Ranks(env.rank, env.world_size, device)
 
 
@@ -123,6 +129,8 @@ class Evaluator:
         self.tokenizer = self.clip = self.features = None
         self._ref: Optional[tuple] = None
         self._wandb = None
+        # bf16 autocast for the transformer on GPU (as training's precision=auto); exact fp32 on CPU
+        self.autocast = torch.bfloat16 if self.r.device.type == "cuda" else None
         if cfg.task == "vqd":
             self._setup_vqd()
         elif self.heldout.image_emb is None:
@@ -155,6 +163,11 @@ class Evaluator:
         if self.heldout.tokenizer_id and self.heldout.tokenizer_id != tid:
             raise ValueError(f"eval.shards were extracted with tokenizer {self.heldout.tokenizer_id} but "
                              f"eval.tokenizer={e.tokenizer} is {tid}; use the matching pair")
+        if self.cfg.data.manifest and Path(self.cfg.data.manifest).exists():
+            trained = read_manifest(self.cfg.data.manifest).get("tokenizer_id")
+            if trained and trained != tid:
+                raise ValueError(f"the model was trained on tokens of {trained} (data.manifest) but "
+                                 f"eval.tokenizer={e.tokenizer} is {tid}; decode with the training tokenizer")
         if self.tokenizer.num_classes != mc.num_classes:
             raise ValueError(f"eval.tokenizer has {self.tokenizer.num_classes} codes but model.num_classes="
                              f"{mc.num_classes}; use the tokenizer the model was trained with")
@@ -180,7 +193,8 @@ class Evaluator:
         seconds = time.monotonic() - start
         result = {"step": step, "samples_seen": info.get("samples_seen"), "task": self.cfg.task,
                   "checkpoint": str(ckpt_dir), "weights": which, "num_samples": len(self.heldout),
-                  "world_size": self.r.world, "seconds": seconds, "time": time.time(), "metrics": metrics,
+                  "world_size": self.r.world, "seconds": seconds, "autocast": str(self.autocast),
+                  "time": time.time(), "metrics": metrics,
                   "sampler": dataclasses.asdict(self.cfg.eval.sampler),
                   "feature_extractor": self.cfg.eval.feature_extractor, "clip_model": self.cfg.eval.clip_model}
         if self.r.is_main:
@@ -199,7 +213,7 @@ class Evaluator:
         feats, clip_rows, attr_rows, grid = [], [], [], []
         for k, chunk in self.r.chunks(n, bs):
             tokens = generate(self.task.module, self.task.text, self.task.diffusion, h.text_tokens[chunk],
-                              e.sampler, self._generator(k))  # Long[b, N]
+                              e.sampler, self._generator(k), autocast_dtype=self.autocast)  # Long[b, N]
             images = self.tokenizer.decode(tokens.view(len(chunk), mc.height, mc.width))  # [b,3,H,W]
             captions = [h.captions[i] for i in chunk]
             img_emb = self.clip(images) if self.clip is not None else None

@@ -65,15 +65,18 @@ def plot_curves(run_dir: str | os.PathLike, path: str | os.PathLike,
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
     ax = axes[0][0]
     steps = sorted(train)
+    positive = True
     for k in train_keys:
         pts = [(s, train[s][k]) for s in steps if isinstance(train[s].get(k), (int, float))]
         if pts:
             ax.plot(*zip(*pts), label=k)
+            positive &= all(v > 0 for _, v in pts)
     ax.set_title("training")
     ax.set_xlabel("step")
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
-        ax.set_yscale("log")
+        if positive:  # losses span decades; a log axis needs every value > 0
+            ax.set_yscale("log")
     for i, name in enumerate(metric_names, start=1):
         ax = axes[i // cols][i % cols]
         pts = [(r["step"], r["metrics"][name]) for r in evals if isinstance(r["metrics"].get(name), (int, float))]
