@@ -1,7 +1,6 @@
 """vqd-eval end to end on real tiny parts: tiny diffusers VQModel tokenizer, tiny open_clip text tower
 and CLIP, the real transformer, held-out token shards written in the record format."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
-import math
 import os
 import time
 from pathlib import Path
