@@ -97,6 +97,20 @@ def test_live_claim_is_respected_stale_claim_retaken(run_dir):
     assert _run(run_dir, _evaluator(run_dir, calls)) == [100]
 
 
+def test_requeued_slurm_job_retakes_its_own_claim(run_dir, monkeypatch):
+    make_ckpt(run_dir, 100)
+    (run_dir / "eval").mkdir()
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    # Claimed by this job's first attempt on another node, moments ago (pid not checkable from here).
+    first = {**W._owner(), "host": "node7", "pid": 1, "slurm_restart": "0"}
+    W.lock_path(run_dir, 100).write_text(json.dumps(first))
+    other_task = {**first, "slurm_restart": "1"}  # same attempt, another live evaluator: respected
+    assert not W._is_stale(other_task, 3600.0)
+    calls = []
+    assert _run(run_dir, _evaluator(run_dir, calls)) == [100]
+
+
 def test_concurrent_claims_never_duplicate(run_dir):
     for s in (100, 200, 300, 400):
         make_ckpt(run_dir, s)

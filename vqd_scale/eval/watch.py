@@ -4,7 +4,8 @@ and the polling loop of `vqd-eval --watch`.
 A checkpoint is *evaluated* when `RUN_DIR/eval/<step>.json` exists (written atomically last).
 Before evaluating, an evaluator *claims* the step by creating `eval/<step>.lock` with O_EXCL, so two
 watchers on a shared file system never evaluate the same step; a claim left by a dead evaluator
-(same host and its pid is gone, same SLURM job after a requeue, or older than `stale_seconds`) is
+(same host and its pid is gone, an earlier attempt of this requeued SLURM job, or older than
+`stale_seconds`) is
 retaken, which makes a restart idempotent. Pure file-system logic: the evaluation is a callback.
 """
 from __future__ import annotations
@@ -44,7 +45,7 @@ def pending(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
 
 def _owner() -> dict[str, Any]:
     return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
-            "time": time.time()}
+            "slurm_restart": os.environ.get("SLURM_RESTART_COUNT", "0"), "time": time.time()}
 
 
 def _pid_alive(pid: int) -> bool:
@@ -60,8 +61,9 @@ def _pid_alive(pid: int) -> bool:
 def _is_stale(owner: dict, stale_seconds: float) -> bool:
     """A claim whose evaluator cannot still be running."""
     me = _owner()
-    if owner.get("slurm_job") and owner.get("slurm_job") == me["slurm_job"] and owner.get("pid") != me["pid"]:
-        return True  # this SLURM job was requeued: the earlier attempt is gone
+    if (owner.get("slurm_job") and owner.get("slurm_job") == me["slurm_job"]
+            and owner.get("slurm_restart", "0") != me["slurm_restart"]):
+        return True  # this SLURM job was requeued (another restart count): the earlier attempt is gone
     if owner.get("host") == me["host"] and not _pid_alive(int(owner.get("pid", -1))):
         return True
     return time.time() - float(owner.get("time", 0)) > stale_seconds
