@@ -76,7 +76,6 @@ def run_dir(tmp_path_factory):
     return run
 
 
-@pytest.mark.slow
 def test_vqd_eval_end_to_end(run_dir):
     assert cli.main([str(run_dir), "--once"]) == 0
     ev = run_dir / "eval"
