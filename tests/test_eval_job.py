@@ -110,14 +110,18 @@ def test_vqd_eval_end_to_end(run_dir):
     fake, real = clip(imgs), clip(tok.decode(h.image_tokens))
     assert m["fid"] == pytest.approx(M.fid_from_features(fake, real), rel=1e-5)
     assert m["clip_score"] == pytest.approx(float(M.clip_score(fake, clip.text(h.captions)).mean()), rel=1e-5)
+    (ref,) = ev.glob("reference_*.npz")  # real-image statistics cached for later evaluator processes
+    mu, sigma = M.load_stats(ref)
+    assert np.allclose(mu, M.gaussian_stats(real)[0]) and np.allclose(sigma, M.gaussian_stats(real)[1])
 
     # A second run finds nothing new; completing step 30 makes exactly that one pending.
     mtime = (ev / "20.json").stat().st_mtime_ns
     assert cli.main([str(run_dir), "--once"]) == 0
     assert (ev / "20.json").stat().st_mtime_ns == mtime and not (ev / "30.json").exists()
     (run_dir / "checkpoints/step_00000030/complete.json").write_text(json.dumps({"step": 30, "samples_seen": 480}))
+    M.save_stats(ref, mu + 1.0, sigma)  # a new process must read the cache, not recompute: shift its mean
     assert cli.main([str(run_dir), "--step", "30"]) == 0
-    assert json.loads((ev / "30.json").read_text())["metrics"]["fid"] >= 0
+    assert json.loads((ev / "30.json").read_text())["metrics"]["fid"] > 0.9 * mu.size  # ≈ |Δμ|² = D
     assert (ev / "20.json").stat().st_mtime_ns == mtime
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import time
@@ -236,16 +237,27 @@ class Evaluator:
         return out, (torch.cat(grid)[:e.grid_size] if grid else None)
 
     def _reference(self) -> tuple:
-        """Real-image statistics: eval.reference_stats, else decoded held-out tokens (computed once)."""
+        """Real-image statistics: eval.reference_stats, else the decoded held-out tokens' — computed once
+        and cached as eval/reference_<hash>.npz (keyed by records, extractor and tokenizer) for restarts."""
         if self._ref is None:
             e, h = self.cfg.eval, self.heldout
             if e.reference_stats:
                 self._ref = M.load_stats(e.reference_stats)
-            else:
-                bs = e.sampler.batch_size
-                rows = [self.features(self.tokenizer.decode(h.image_tokens[c].to(self.r.device))).double().cpu()
-                        for _, c in self.r.chunks(len(h), bs)]
-                self._ref = M.gaussian_stats(self.r.gather_rows(torch.cat(rows), len(h), bs))
+                return self._ref
+            key = json.dumps([h.keys, e.feature_extractor, e.clip_model, e.clip_weights, e.feature_weights,
+                              self.tokenizer.tokenizer_id])
+            cache = self.run_dir / EVAL_DIR / f"reference_{hashlib.sha1(key.encode()).hexdigest()[:12]}.npz"
+            if self.r.decide(cache.exists):  # every rank must agree: computing it is collective
+                self._ref = M.load_stats(cache)
+                return self._ref
+            bs = e.sampler.batch_size
+            rows = [self.features(self.tokenizer.decode(h.image_tokens[c].to(self.r.device))).double().cpu()
+                    for _, c in self.r.chunks(len(h), bs)]
+            self._ref = M.gaussian_stats(self.r.gather_rows(torch.cat(rows), len(h), bs))
+            if self.r.is_main:
+                tmp = cache.with_name(f".{cache.stem}.tmp{os.getpid()}.npz")
+                M.save_stats(tmp, *self._ref)
+                os.replace(tmp, cache)
         return self._ref
 
     def _prior(self) -> tuple[dict, None]:
