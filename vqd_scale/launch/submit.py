@@ -91,7 +91,7 @@ def submit_eval(run_dir: str, folder: str | Path, cluster: str, res: Resources, 
 
 def expand_shards(pattern: str) -> list[str]:
     """Input shards of a braceexpand pattern, several patterns joined with '::'."""
-    shards = [s for p in pattern.split("::") for s in braceexpand.braceexpand(p)]
+    shards = [s for p in pattern.split("::") if p.strip() for s in braceexpand.braceexpand(p.strip())]
     if not shards:
         raise ValueError(f"input pattern {pattern!r} expands to no shards")
     return shards
