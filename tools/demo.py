@@ -32,7 +32,8 @@ def stage(name: str, t0: float) -> None:
     print(f"== {name} ({time.time() - t0:.0f}s elapsed)", flush=True)
 
 
-def sample_and_score(run_dir: Path, tok_dir: Path, captions: list[str], real: np.ndarray, out_png: Path) -> dict:
+def sample_and_score(run_dir: Path, tok_dir: Path, captions: list[str], real: np.ndarray, out_png: Path,
+                     sampler=None) -> dict:
     """Generate one image per caption from the newest checkpoint (EMA weights), save a grid, score it."""
     import torch
     from PIL import Image
@@ -57,7 +58,7 @@ def sample_and_score(run_dir: Path, tok_dir: Path, captions: list[str], real: np
     diffusion = MaskAndReplace(cfg.diffusion, cfg.model.num_classes)
     tok = ImageTokenizer.load(tok_dir)
     gen = torch.Generator().manual_seed(0)
-    sampler = SamplerConfig(steps=50, guidance_scale=3.0, truncation_rate=1.0, batch_size=32)
+    sampler = sampler or SamplerConfig(steps=50, guidance_scale=3.0, truncation_rate=1.0, batch_size=32)
     ids = generate(model, text, diffusion, text.tokenize(captions), sampler, generator=gen)
     images = tok.decode(ids.view(-1, cfg.model.height, cfg.model.width))  # [B,3,H,W] in [-1,1]
     u8 = ((images.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
