@@ -74,7 +74,7 @@ def test_activation_checkpointing_same_output_and_grads():
 def test_mixture_choice_by_cosine_and_bad_clusters():
     mix = Mixture(3, 4)
     means = torch.tensor([[1.0, 0, 0, 0], [0, 5.0, 0, 0], [0, 0, 0.1, 0]])
-    mix.load_clusters(means, torch.full((3, 4), 0.2), torch.tensor([5, 6, 7]))
+    mix.load_clusters(means, torch.full((3, 4), 0.2))
     text = torch.tensor([[0.0, 0.1, 3.0, 0], [2.0, 0.5, 0, 0], [0, 1.0, 0.9, 0]])
     c, mu, sd, aux = mix(text)
     assert c.tolist() == [2, 0, 1]  # cosine, not dot product (means differ in norm)

@@ -59,16 +59,17 @@ class Mixture(nn.Module):
     def __init__(self, num_components: int, embed_dim: int, learnable: bool = False, lr_scale: float = 0.01):
         super().__init__()
         self.lr_scale = lr_scale
-        self.register_buffer("base_means", torch.zeros(num_components, embed_dim))
-        self.register_buffer("base_log_stds", torch.zeros(num_components, embed_dim))
-        self.register_buffer("counts", torch.zeros(num_components, dtype=torch.long))
+        # frozen Parameters, not buffers: the engine's EMA and ema.safetensors hold parameters only, and
+        # a checkpoint must carry its mixture (the optimizer skips them: requires_grad=False)
+        self.base_means = nn.Parameter(torch.zeros(num_components, embed_dim), requires_grad=False)
+        self.base_log_stds = nn.Parameter(torch.zeros(num_components, embed_dim), requires_grad=False)
         self.learnable = learnable
         if learnable:
             self.mean_offset = nn.Parameter(torch.zeros(num_components, embed_dim))
             self.log_std_offset = nn.Parameter(torch.zeros(num_components, embed_dim))
 
     @torch.no_grad()
-    def load_clusters(self, means: torch.Tensor, stds: torch.Tensor, counts: Optional[torch.Tensor] = None) -> None:
+    def load_clusters(self, means: torch.Tensor, stds: torch.Tensor) -> None:
         """Set the components from fitted clusters (means, per-dim stds [k, E])."""
         if means.shape != self.base_means.shape or stds.shape != self.base_means.shape:
             raise ValueError(f"clusters are {tuple(means.shape)}/{tuple(stds.shape)} but the prior expects "
@@ -77,8 +78,6 @@ class Mixture(nn.Module):
             raise ValueError("cluster stds must be > 0 (a zero std makes sampling deterministic); refit the clusters")
         self.base_means.copy_(means)
         self.base_log_stds.copy_(stds.log())
-        if counts is not None:
-            self.counts.copy_(counts)
 
     def means(self) -> torch.Tensor:
         return self.base_means + self.lr_scale * self.mean_offset if self.learnable else self.base_means
@@ -203,5 +202,5 @@ def build_prior(cfg: PriorConfig, learnable_mixture: bool = False, mixture_lr_sc
     if clusters is not None:
         from vqd_scale.data.clusters import load_clusters
         cl = load_clusters(clusters)
-        model.mixture.load_clusters(cl["means"], cl["stds"], cl["counts"])
+        model.mixture.load_clusters(cl["means"], cl["stds"])
     return model

@@ -67,7 +67,7 @@ class PriorTask:
         self.module = TrainablePrior(prior_cfg, shifted_cfg)
         if shifted_cfg.clusters is not None:
             cl = load_clusters(shifted_cfg.clusters)
-            self.module.mixture.load_clusters(cl["means"], cl["stds"], cl["counts"])
+            self.module.mixture.load_clusters(cl["means"], cl["stds"])
         self.model_config = {"prior": dataclasses.asdict(prior_cfg),
                              "learnable_mixture": shifted_cfg.learnable_mixture}
         self.diffusion = ShiftedGaussianDiffusion(shifted_cfg).to(device)
