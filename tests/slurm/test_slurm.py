@@ -150,6 +150,7 @@ def _logs(c, jobs, key: str) -> list[Path]:
     return [Path(c.job(jobs[key])["StdOut"])]
 
 
+@pytest.mark.slow  # shares jobs that take ~2 min together
 def test_c_preemption_checkpoints_requeues_and_continues(slurm_cluster, jobs, preempted):
     c, run = slurm_cluster, jobs["run_c"]
     saved = _check_continues(c, jobs, "c")
@@ -166,6 +167,7 @@ def test_c_preemption_checkpoints_requeues_and_continues(slurm_cluster, jobs, pr
     print("timeline (c):", rows)  # figures for docs/performance.md (pytest -s)
 
 
+@pytest.mark.slow  # shares jobs that take ~2 min together
 def test_a_two_node_training_writes_checkpoints(slurm_cluster, jobs):
     c, run = slurm_cluster, jobs["run_a"]
     c.assert_completed(jobs["a"], c.wait_done(jobs["a"], TIMEOUT))
@@ -177,6 +179,7 @@ def test_a_two_node_training_writes_checkpoints(slurm_cluster, jobs):
     assert (run / "config.yaml").exists()
 
 
+@pytest.mark.slow  # shares jobs that take ~2 min together
 def test_b_eval_after_training_writes_results(slurm_cluster, jobs):
     c = slurm_cluster
     info = c.wait_done(jobs["b"], TIMEOUT)
@@ -191,6 +194,7 @@ def test_b_eval_after_training_writes_results(slurm_cluster, jobs):
     assert "fid" in json.dumps(result) and "clip_score" in json.dumps(result), result
 
 
+@pytest.mark.slow  # shares jobs that take ~2 min together
 def test_d_submitit_training_checkpoints_requeues_and_continues(slurm_cluster, jobs, preempted):
     c, jid = slurm_cluster, jobs["d"]
     stdout = Path(re.search(r"train: job \d+  stdout (\S+)", jobs["d_stdout"]).group(1))
