@@ -123,6 +123,16 @@ def test_vqd_eval_end_to_end(run_dir):
     assert cli.main([str(run_dir), "--step", "30"]) == 0
     assert json.loads((ev / "30.json").read_text())["metrics"]["fid"] > 0.9 * mu.size  # ≈ |Δμ|² = D
     assert (ev / "20.json").stat().st_mtime_ns == mtime
+    # Weights that do not fit the model (a parameter missing) are refused, naming the checkpoint; no result.
+    bad = run_dir / "checkpoints/step_00000040"
+    bad.mkdir()
+    sd = load_file(str(run_dir / "checkpoints/step_00000020/ema.safetensors"))
+    sd.pop("null_context")
+    save_file(sd, str(bad / "ema.safetensors"))
+    (bad / "complete.json").write_text(json.dumps({"step": 40}))
+    with pytest.raises(ValueError, match="step_00000040.*do not fit"):
+        cli.main([str(run_dir), "--step", "40"])
+    assert not (ev / "40.json").exists() and not (ev / "40.lock").exists()
 
 
 def test_text_tower_file_name_matches_training():

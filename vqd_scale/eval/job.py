@@ -186,7 +186,7 @@ class Evaluator:
         if "model" in info:
             check_same_model(info["model"], self.task.model_config, str(ckpt_dir))
         which = "ema" if (Path(ckpt_dir) / EMA_FILE).exists() else "model"
-        self.task.module.load_state_dict(load_weights(ckpt_dir, which))
+        self._load(load_weights(ckpt_dir, which), ckpt_dir)
         start = time.monotonic()
         metrics, grid = self._vqd() if self.cfg.task == "vqd" else self._prior()
         seconds = time.monotonic() - start
@@ -199,6 +199,17 @@ class Evaluator:
         if self.r.is_main:
             self._write(step, result, grid)
         return result
+
+    def _load(self, state: dict, ckpt_dir: Path) -> None:
+        """Load checkpoint weights; buffers may be absent (the EMA holds parameters only, and buffers such
+        as the prior's mixture come from the config at build time), parameters may not."""
+        module = self.task.module
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        params = {name for name, _ in module.named_parameters()}
+        missing_params = [k for k in missing if k in params]
+        if missing_params or unexpected:
+            raise ValueError(f"{ckpt_dir}: weights do not fit the model built from the run's config "
+                             f"(missing {missing_params[:4]}, unexpected {unexpected[:4]}); was the config changed?")
 
     def _generator(self, chunk_id: int) -> torch.Generator:
         # The same noise for every checkpoint and any number of ranks: metric changes come from the weights.
