@@ -47,11 +47,15 @@ def test_tiny_prior_trains_and_evaluates(tmp_path):
     common = [f"run_dir={run}", f'data.sources=[{{name: synthetic, shards: "{shards}"}}]',
               f"data.manifest={data}/manifest.json", f"shifted.clusters={clusters}", f"eval.shards={shards}",
               "eval.num_samples=8", "eval.prior_steps=[8,64]", "logging.wandb_mode=disabled"]
-    r = subprocess.run([sys.executable, "-m", "vqd_scale.cli.train", str(REPO / "configs" / "tiny_prior.yaml"),
-                        *common, f"data.batch_size={BATCH}", f"max_samples={STEPS * BATCH}", "logging.every_steps=1",
-                        "checkpoint.every_steps=6", "optim.warmup_samples=16", "optim.lr=3e-3"],
-                       capture_output=True, text=True, timeout=600, cwd=REPO, env=_env())
-    assert r.returncode == 0, r.stderr[-4000:]
+    def train(steps):
+        r = subprocess.run([sys.executable, "-m", "vqd_scale.cli.train", str(REPO / "configs" / "tiny_prior.yaml"),
+                            *common, f"data.batch_size={BATCH}", f"max_samples={steps * BATCH}",
+                            "logging.every_steps=1", "checkpoint.every_steps=6", "optim.warmup_samples=16",
+                            "optim.lr=3e-3", "--resume", "auto"],
+                           capture_output=True, text=True, timeout=600, cwd=REPO, env=_env())
+        assert r.returncode == 0, r.stderr[-4000:]
+
+    train(STEPS)
     m = read_metrics(run)
     steps = sorted(m)
     assert steps[-1] == STEPS and {"loss", "mse", "cos_x0"} <= set(m[steps[-1]])
@@ -69,6 +73,8 @@ def test_tiny_prior_trains_and_evaluates(tmp_path):
     fitted = load_clusters(clusters)
     assert (module.mixture.base_means - fitted["means"]).abs().max() < 1e-6
     assert (module.mixture.stds() - fitted["stds"]).abs().max() < 1e-6
+    train(STEPS + 2)  # resumes from step 12 (same prior config) and goes on
+    assert max(read_metrics(run)) == STEPS + 2 and [s for s, _ in C.list_complete(run)][-1] == STEPS + 2
     from vqd_scale.cli.eval import main as vqd_eval  # in-process: saves a second interpreter start
     assert vqd_eval([str(run), "--once", "--step", "12", "eval.num_samples=8", "eval.prior_steps=[8,64]"]) in (0, None)
     res = json.loads((run / "eval" / "12.json").read_text())
