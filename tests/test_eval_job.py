@@ -199,3 +199,10 @@ def test_two_ranks_give_the_single_process_numbers(run_dir, tmp_path):
     for k, v in one["metrics"].items():
         assert two["metrics"][k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
     assert outs[0][0].count("[eval step 20]") == 1 and "[eval step 20]" not in outs[1][0]  # rank 0 writes
+
+
+def test_more_ranks_than_batches_is_refused(run_dir):
+    from vqd_scale.eval.job import Evaluator, Ranks
+    cfg = load_config(run_dir / "config.yaml")  # 6 samples in batches of 4: two batches
+    with pytest.raises(ValueError, match="2 batches for 4 ranks"):
+        Evaluator(cfg, run_dir, Ranks(rank=0, world=4))

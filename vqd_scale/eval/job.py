@@ -173,6 +173,11 @@ class Evaluator:
         if tuple(self.heldout.image_tokens.shape[1:]) != (mc.height, mc.width):
             raise ValueError(f"held-out image tokens are {tuple(self.heldout.image_tokens.shape[1:])} but the "
                              f"model samples {mc.height}×{mc.width}")
+        n_chunks = len(_chunks(list(range(len(self.heldout))), e.sampler.batch_size))
+        if n_chunks < self.r.world:  # a rank without a chunk would have no rows to gather
+            raise ValueError(f"eval.num_samples={len(self.heldout)} in batches of eval.sampler.batch_size="
+                             f"{e.sampler.batch_size} gives {n_chunks} batches for {self.r.world} ranks; lower "
+                             "the batch size or the number of ranks")
         if "clip_score" in e.metrics or ("fid" in e.metrics and e.feature_extractor == "clip"):
             self.clip = M.ClipFeatures(e.clip_model, e.clip_weights).to(self.r.device)
         if "fid" in e.metrics:
