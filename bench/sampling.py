@@ -1,0 +1,157 @@
+"""Sampling throughput: our transformer + sampler vs diffusers' Transformer2DModel + VQDiffusionScheduler.
+
+Both models carry identical weights (mapped by `vqd_scale.interop.diffusers`); the diffusers side is
+the `VQDiffusionPipeline` denoising loop verbatim (cond+uncond batch, CFG, truncate, clamp,
+`scheduler.step`), minus text encoding and VQ decoding, which both sides would share. Prints images/s
+and ratios measured in the same run; `--append` adds the figures to docs/performance.md.
+
+    OMP_NUM_THREADS=2 python bench/sampling.py [--append]
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from vqd_scale.compat import import_open_clip
+from vqd_scale.config import DiscreteDiffusionConfig, SamplerConfig, TransformerConfig
+from vqd_scale.diffusion.discrete import MaskAndReplace
+from vqd_scale.diffusion.presets import SCHEDULE_PRESETS
+from vqd_scale.diffusion.sampling import sample
+from vqd_scale.generate import make_denoise
+from vqd_scale.interop.diffusers import split_null, to_diffusers
+from vqd_scale.models.transformer import VQDiffusionTransformer
+
+ROOT = Path(__file__).resolve().parents[1]
+import_open_clip()  # diffusers' model imports pull in torchvision, which needs the compat patch here
+
+
+def build(args):
+    """Our model and a diffusers Transformer2DModel with the same weights (checked on one forward)."""
+    from diffusers import Transformer2DModel
+
+    torch.manual_seed(0)
+    cfg = TransformerConfig(size="debug", num_classes=args.K, height=args.side, width=args.side,
+                            context_dim=args.context_dim, num_timesteps=100, layers=args.layers,
+                            dim=args.dim, heads=args.heads, mlp_ratio=4.0)
+    ours = VQDiffusionTransformer(cfg).eval()
+    config, dsd = to_diffusers(ours.state_dict(), cfg)
+    theirs = Transformer2DModel(**config).eval()
+    rest, _ = split_null(dsd)
+    theirs.load_state_dict(rest)
+    x = torch.randint(0, args.K + 1, (2, args.side ** 2))
+    ctx = torch.randn(2, 77, args.context_dim)
+    with torch.inference_mode():
+        diff = (ours(x, torch.tensor([7, 7]), ctx) - theirs(x, encoder_hidden_states=ctx,
+                                                             timestep=torch.tensor(7)).sample).abs().max()
+    assert diff < 1e-4, f"weight mapping broken: max |Δ log p| = {diff}"
+    return cfg, ours, theirs
+
+
+def run_ours(model, diffusion, context, steps, guidance, truncation, seed):
+    """Our path: `generate.make_denoise` (context K/V once, one [cond; uncond] forward) + `sample`."""
+    cfg = SamplerConfig(steps=steps, guidance_scale=guidance, truncation_rate=truncation)
+    with torch.inference_mode():
+        den = make_denoise(model, context, guided=guidance != 1.0)
+        return sample(diffusion, den, context.shape[0], model.num_tokens, cfg, torch.Generator().manual_seed(seed))
+
+
+@torch.inference_mode()
+def run_diffusers(transformer, scheduler, context, null, steps, guidance, truncation, seed):
+    """The VQDiffusionPipeline loop (diffusers 0.42), from prompt embeddings to tokens."""
+    from diffusers.pipelines.deprecated.vq_diffusion.pipeline_vq_diffusion import VQDiffusionPipeline
+
+    B = context.shape[0]
+    cfg_on = guidance > 1.0
+    embeds = torch.cat([null.expand(B, -1, -1), context]) if cfg_on else context
+    generator = torch.Generator().manual_seed(seed)
+    sample_ = torch.full((B, transformer.num_latent_pixels), transformer.num_vector_embeds - 1)
+    scheduler.set_timesteps(steps)
+    for t in scheduler.timesteps:
+        inp = torch.cat([sample_] * 2) if cfg_on else sample_
+        out = transformer(inp, encoder_hidden_states=embeds, timestep=t).sample
+        if cfg_on:
+            out_u, out_c = out.chunk(2)
+            out = out_u + guidance * (out_c - out_u)
+            out -= torch.logsumexp(out, dim=1, keepdim=True)
+        out = VQDiffusionPipeline.truncate(None, out, truncation).clamp(-70)
+        sample_ = scheduler.step(out, timestep=t, sample=sample_, generator=generator).prev_sample
+    return sample_
+
+
+def timed(fn, repeats):
+    """Best wall time of `repeats` runs (after one warm-up)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--K", type=int, default=1024)
+    ap.add_argument("--side", type=int, default=32)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--dim", type=int, default=256)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--context-dim", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--guidance", type=float, default=5.0)
+    ap.add_argument("--truncation", type=float, default=1.0)  # the pipeline's default
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--append", action="store_true", help="append the figures to docs/performance.md")
+    args = ap.parse_args()
+    from diffusers import VQDiffusionScheduler
+
+    cfg, ours, theirs = build(args)
+    diffusion = MaskAndReplace(DiscreteDiffusionConfig(preset="released", num_timesteps=100), args.K)
+    scheduler = VQDiffusionScheduler(args.K + 1, 100, *SCHEDULE_PRESETS["released"])
+    context = torch.randn(args.batch, 77, args.context_dim)
+    null = ours.null_context.detach()
+    B = args.batch
+    run = lambda steps: run_ours(ours, diffusion, context, steps, args.guidance, args.truncation, 0)
+    t_ours100 = timed(lambda: run(100), args.repeats)
+    t_ours25 = timed(lambda: run(25), args.repeats)
+    t_diff100 = timed(lambda: run_diffusers(theirs, scheduler, context, null, 100, args.guidance,
+                                            args.truncation, 0), args.repeats)
+    ips = {k: B / v for k, v in [("ours100", t_ours100), ("ours25", t_ours25), ("diff100", t_diff100)]}
+    size = (f"{args.layers}L×{args.dim}D, {args.side}×{args.side} tokens, K={args.K}, "
+            f"batch {B}, guidance {args.guidance}, truncation {args.truncation}")
+    lines = [
+        f"sampling ({size}; torch threads {torch.get_num_threads()})",
+        f"  diffusers Transformer2DModel + VQDiffusionScheduler, 100 steps: {ips['diff100']:.3f} img/s",
+        f"  ours, 100 steps (equal steps):                                {ips['ours100']:.3f} img/s"
+        f"  → ratio {ips['ours100'] / ips['diff100']:.2f}×",
+        f"  ours, 25 skip-steps vs diffusers 100 steps:                   {ips['ours25']:.3f} img/s"
+        f"  → ratio {ips['ours25'] / ips['diff100']:.2f}×",
+    ]
+    print("\n".join(lines))
+    if args.append:
+        append(lines)
+
+
+def append(lines):
+    """Add a dated block with machine and commit to docs/performance.md (created if missing)."""
+    cpu = next((l.split(":", 1)[1].strip() for l in subprocess.run(["lscpu"], capture_output=True, text=True)
+                .stdout.splitlines() if l.startswith("Model name")), platform.processor())
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=ROOT).stdout.strip()
+    path = ROOT / "docs" / "performance.md"
+    if not path.exists():
+        path.write_text("# Performance\n\nFigures appended by the `bench/` scripts (each compares against a "
+                        "baseline measured in the same run).\n")
+    block = [f"\n## bench/sampling.py — {time.strftime('%Y-%m-%d')}, {cpu}, {torch.get_num_threads()} threads, "
+             f"commit {head}\n", "```", *lines, "```", ""]
+    with path.open("a") as f:
+        f.write("\n".join(block))
+
+
+if __name__ == "__main__":
+    main()
