@@ -4,9 +4,10 @@ memory of ZeRO 1/2/3 vs ZeRO 0 and vs the ZeRO formula.
     OMP_NUM_THREADS=1 python bench/train_step.py speed --sizes tiny S --steps 4
     OMP_NUM_THREADS=1 python bench/train_step.py memory --size S --world 2
 
-Memory is counted as the bytes of every live tensor storage in the process after two optimizer steps
-(on CPU there is no allocator counter like `torch.cuda.max_memory_allocated`), minus what existed
-before the engine was built; on GPU the CUDA peak is reported as well.
+Memory is counted as the bytes of every live tensor storage in the process after the backward pass of
+the second step (optimizer state from step 1 and this step's gradients alive; on CPU there is no
+allocator counter like `torch.cuda.max_memory_allocated`), minus what existed before the engine was
+built (text tower, inputs); on GPU the CUDA peak is reported as well.
 """
 from __future__ import annotations
 
@@ -34,12 +35,13 @@ SIZES = {
 }
 
 
-def run_config(size: str, batch: int, stage: int):
+def run_config(size: str, batch: int, stage: int, bucket: int = 50_000_000):
     from vqd_scale.config import RunConfig, validate
     from vqd_scale.config import DeepSpeedConfig, TextEncoderConfig, TransformerConfig
     mo, te, side, K = SIZES[size]
     cfg = RunConfig(model=TransformerConfig(num_classes=K, height=side, width=side, **mo),
-                    text=TextEncoderConfig(**te), deepspeed=DeepSpeedConfig(zero_stage=stage))
+                    text=TextEncoderConfig(**te),
+                    deepspeed=DeepSpeedConfig(zero_stage=stage, bucket_elements=bucket))
     cfg.data.batch_size = batch
     return validate(cfg)
 
@@ -116,7 +118,7 @@ def speed(sizes: list[str], steps: int, batch: int) -> list[dict]:
     return rows
 
 
-def memory_worker(size: str, stage: int, batch: int) -> None:
+def memory_worker(size: str, stage: int, batch: int, bucket: int) -> None:
     """One rank: tensor bytes held after two ZeRO-`stage` steps, gathered to rank 0 and printed."""
     from vqd_scale.tasks import build_task
     from vqd_scale.train import distributed as D
@@ -125,7 +127,7 @@ def memory_worker(size: str, stage: int, batch: int) -> None:
     env = D.detect_env()
     D.init_distributed(env)
     device = D.device_for(env)
-    cfg = run_config(size, batch, stage)
+    cfg = run_config(size, batch, stage, bucket)
     torch.manual_seed(0)
     task = build_task(cfg, device)
     psi = sum(p.numel() for p in task.module.parameters())
@@ -136,9 +138,11 @@ def memory_worker(size: str, stage: int, batch: int) -> None:
     for i in range(2):
         loss, _ = task.loss(engine, fake_batch(cfg, gen), torch.Generator(device=device).manual_seed(i))
         engine.backward(loss)
+        if i == 1:  # measure with optimizer state (from step 1) and this step's gradients both alive
+            del loss
+            gc.collect()
+            held = torch.tensor([float(live_tensor_bytes() - before)])
         engine.step()
-    gc.collect()
-    held = torch.tensor([float(live_tensor_bytes() - before)])
     all_held = D.all_gather_cat(held)
     if env.is_main:
         out = {"size": size, "stage": stage, "world": env.world_size, "psi": psi, "precision": precision,
@@ -160,14 +164,15 @@ def fp32_formula(psi: int, stage: int, n: int) -> float:
     return psi * {0: 16.0, 1: 8 + 12 / n, 2: 4 + 16 / n, 3: 20 / n}[stage]
 
 
-def memory(size: str, world: int, batch: int) -> list[dict]:
+def memory(size: str, world: int, batch: int, bucket: int) -> list[dict]:
     rows = []
     for stage in (0, 1, 2, 3):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", f"--master_port={port}",
-               __file__, "memory-worker", "--size", size, "--stage", str(stage), "--batch", str(batch)]
+               __file__, "memory-worker", "--size", size, "--stage", str(stage), "--batch", str(batch),
+               "--bucket", str(bucket)]
         r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
                            env=dict(os.environ, PYTHONWARNINGS="ignore::FutureWarning"))
         line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -178,7 +183,7 @@ def memory(size: str, world: int, batch: int) -> list[dict]:
         rows.append(res)
     base = max(rows[0]["per_rank_bytes"])
     print(f"\nper-rank tensor memory, {size} (Ψ={rows[0]['psi'] / 1e6:.1f}M), {world} ranks, "
-          f"{rows[0]['precision']}; ratio = vs ZeRO-0 measured in this run")
+          f"{rows[0]['precision']}, buckets {bucket:.0e} elements; last column = vs ZeRO-0 measured in this run")
     print("| stage | measured per rank (MiB) | formula (MiB) | measured/formula | vs ZeRO-0 |")
     print("|---|---|---|---|---|")
     for r in rows:
@@ -197,6 +202,7 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--world", type=int, default=2)
     ap.add_argument("--stage", type=int, default=2)
+    ap.add_argument("--bucket", type=int, default=1_000_000, help="deepspeed.bucket_elements for the memory runs")
     a = ap.parse_args(argv)
     if a.what == "speed":
         rows = speed(a.sizes, a.steps, a.batch)
@@ -206,9 +212,9 @@ def main(argv=None) -> None:
             print(f"| {r['size']} | {r['params'] / 1e6:.1f}M | {r['batch']} | {r['torch_samples_s']:.2f} | "
                   f"{r['deepspeed_samples_s']:.2f} | {r['ratio_ds_vs_torch']:.2f} |")
     elif a.what == "memory":
-        memory(a.size, a.world, a.batch)
+        memory(a.size, a.world, a.batch, a.bucket)
     else:
-        memory_worker(a.size, a.stage, a.batch)
+        memory_worker(a.size, a.stage, a.batch, a.bucket)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ def test_ds_config_and_param_groups():
     conf = ds_config(DeepSpeedConfig(zero_stage=3, grad_accum=4), OptimConfig(grad_clip=0.5), micro_batch=8,
                      world_size=2, precision="fp32")
     assert conf["zero_optimization"]["stage"] == 3 and conf["gradient_clipping"] == 0.5
+    assert conf["zero_optimization"]["reduce_bucket_size"] == DeepSpeedConfig().bucket_elements
     assert conf["train_batch_size"] == 8 * 4 * 2 and conf["gradient_accumulation_steps"] == 4
     assert not conf["bf16"]["enabled"]
     assert resolve_precision(DeepSpeedConfig(precision="auto"), torch.device("cpu")) == "fp32"

@@ -77,7 +77,7 @@ def sample_and_score(run_dir: Path, tok_dir: Path, captions: list[str], real: np
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/demo")
-    ap.add_argument("--max-samples", type=int, default=12000, help="training samples (the main time knob)")
+    ap.add_argument("--max-samples", type=int, default=20000, help="training samples (the main time knob)")
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--per-shard", type=int, default=512)
     a = ap.parse_args(argv)
@@ -108,6 +108,7 @@ def main(argv=None) -> int:
     sh(py, "-m", "vqd_scale.cli.train", "configs/tiny.yaml", f"run_dir={out / 'run'}",
        f'data.sources=[{{name: synthetic, shards: "{out}/tokens/{{00000..{last}}}.tar"}}]',
        f"data.manifest={out / 'tokens' / 'manifest.json'}", f"max_samples={a.max_samples}",
+       f"model.height={RES // PATCH}", f"model.width={RES // PATCH}", "model.dim=128", "model.heads=4",
        "data.batch_size=32", "optim.lr=2e-3",
        "optim.warmup_samples=640", "optim.ema_every=1", "checkpoint.every_steps=100", "logging.every_steps=25",
        "--resume", "auto")

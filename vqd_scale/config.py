@@ -158,6 +158,9 @@ class DeepSpeedConfig:
     precision: str = "auto"  # auto = bf16 on GPU, fp32 on CPU | fp32 | bf16
     grad_accum: int = 1
     offload_optimizer: bool = False
+    # ZeRO communication buckets (elements). DeepSpeed's default 5e8 allocates a 2 GB fp32 buffer per
+    # rank under ZeRO-3 whatever the model size; 5e7 keeps it at 200 MB (fp32) / 100 MB (bf16).
+    bucket_elements: int = 50_000_000
 
 
 @dataclass
@@ -277,6 +280,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(cfg.deepspeed.precision in ("auto", "fp32", "bf16"), "deepspeed.precision",
            f"got {cfg.deepspeed.precision!r}; use auto, fp32 or bf16")
     _check(cfg.deepspeed.grad_accum >= 1, "deepspeed.grad_accum", "must be >= 1")
+    _check(cfg.deepspeed.bucket_elements >= 1_000_000, "deepspeed.bucket_elements",
+           "must be >= 1e6 (smaller buckets make ZeRO communication latency-bound)")
     o = cfg.optim
     _check(o.lr > 0, "optim.lr", f"got {o.lr}; must be > 0")
     _check(all(0.0 <= b < 1.0 for b in o.betas), "optim.betas", "each beta must be in [0, 1)")

@@ -25,7 +25,10 @@ def resolve_precision(cfg: DeepSpeedConfig, device: torch.device) -> str:
 def ds_config(cfg: DeepSpeedConfig, optim: OptimConfig, micro_batch: int, world_size: int,
               precision: str) -> dict[str, Any]:
     """The DeepSpeed JSON config for this run."""
-    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    b = int(cfg.bucket_elements)
+    zero: dict[str, Any] = {"stage": cfg.zero_stage, "reduce_bucket_size": b, "allgather_bucket_size": b}
+    if cfg.zero_stage == 3:
+        zero.update(stage3_prefetch_bucket_size=b, stage3_max_live_parameters=2 * b, stage3_max_reuse_distance=2 * b)
     if cfg.zero_stage >= 2:
         zero.update(overlap_comm=False, contiguous_gradients=True)
     if cfg.offload_optimizer:
