@@ -10,6 +10,7 @@ and ratios measured in the same run; `--append` adds the figures to docs/perform
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import subprocess
 import time
@@ -125,7 +126,8 @@ def main():
     size = (f"{args.layers}L×{args.dim}D, {args.side}×{args.side} tokens, K={args.K}, "
             f"batch {B}, guidance {args.guidance}, truncation {args.truncation}")
     lines = [
-        f"sampling ({size}; torch threads {torch.get_num_threads()})",
+        f"sampling ({size}; torch threads {torch.get_num_threads()}; "
+        f"load average {os.getloadavg()[0]:.1f} at the end: the machine is shared, ratios are same-run)",
         f"  diffusers Transformer2DModel + VQDiffusionScheduler, 100 steps: {ips['diff100']:.3f} img/s",
         f"  ours, 100 steps (equal steps):                                {ips['ours100']:.3f} img/s"
         f"  → ratio {ips['ours100'] / ips['diff100']:.2f}×",

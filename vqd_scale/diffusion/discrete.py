@@ -182,7 +182,8 @@ class MaskAndReplace:
         u = torch.rand(x_t.shape, dtype=torch.float64, device=dev, generator=generator) * total
         out = torch.where(u < uniform, (u / per_code.clamp(min=1e-300)).long().clamp_(max=K - 1), x_t)
         out = torch.where((u >= uniform + w_xt) & (u < uniform + w_xt + w_x0), x0, out)
-        return out.masked_fill_(u >= uniform + w_xt + w_x0, self.mask_id)  # only reachable when x_t is masked
+        # `& masked`: rounding of u toward `total` must never mask an unmasked x_t (w_mask = 0 there)
+        return out.masked_fill_((u >= uniform + w_xt + w_x0) & masked, self.mask_id)
 
     # ---------------------------------------------------------------- training loss
     def losses(self, log_x0_pred: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor,
