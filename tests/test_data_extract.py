@@ -164,3 +164,24 @@ def test_bad_inputs_are_skipped_and_counted(tmp_path, tok_dir):
     assert m["num_failed_shards"] == 2 and set(m["failed_shards"]) == {"00002.tar", "00003.tar"}
     assert m["totals"]["skipped_empty_image"] == 4
     assert extract_main(args) == 0  # rerun: nothing redone, failure still reported, status only with the flag
+
+
+def test_clip_embeddings_match_the_text_encoder(tmp_path, tok_dir):
+    """--clip-model tiny stores fp16 normalised embeddings; the saved random tower reproduces them in models/text.py."""
+    from vqd_scale.config import TextEncoderConfig
+    from vqd_scale.models.text import FrozenCLIPTextEncoder
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_shards(src, SyntheticSpec(num_shards=1, samples_per_shard=4, resolution=R))
+    assert extract_main(["--inputs", str(src / "00000.tar"), "--out-dir", str(out), "--tokenizer", str(tok_dir),
+                         "--resolution", str(R), "--clip-model", "tiny", "--no-progress"]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["embed_dim"] == 32 and m["embedding_model"]["model"] == "tiny"
+    recs = read_out(out / "00000.tar")
+    enc = FrozenCLIPTextEncoder(TextEncoderConfig(model="tiny", pretrained=m["embedding_model"]["pretrained"]))
+    for rec in recs.values():
+        img_emb, txt_emb = (np.load(io.BytesIO(rec[k])) for k in ("img.emb.npy", "txt.emb.npy"))
+        assert img_emb.dtype == np.float16 and img_emb.shape == (32,)
+        assert abs(float(np.linalg.norm(img_emb.astype(np.float32))) - 1) < 1e-2
+        ref = enc.embed(enc.tokenize([rec["txt"].decode()]))[0].numpy()
+        np.testing.assert_allclose(txt_emb.astype(np.float32), ref, atol=2e-3)
