@@ -84,14 +84,15 @@ def run_diffusers(transformer, scheduler, context, null, steps, guidance, trunca
     return sample_
 
 
-def timed(fn, repeats):
-    """Best wall time of `repeats` runs (after one warm-up)."""
-    fn()
-    best = float("inf")
+def timed(fns: dict, repeats: int) -> dict:
+    """Best wall time per entry over `repeats` interleaved rounds (interleaving spreads the noise
+    of a shared machine over all entries alike)."""
+    best = {k: float("inf") for k in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[k] = min(best[k], time.perf_counter() - t0)
     return best
 
 
@@ -106,7 +107,7 @@ def main():
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--guidance", type=float, default=5.0)
     ap.add_argument("--truncation", type=float, default=1.0)  # the pipeline's default
-    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--append", action="store_true", help="append the figures to docs/performance.md")
     args = ap.parse_args()
     from diffusers import VQDiffusionScheduler
@@ -118,13 +119,13 @@ def main():
     null = ours.null_context.detach()
     B = args.batch
     run = lambda steps: run_ours(ours, diffusion, context, steps, args.guidance, args.truncation, 0)
-    t_ours100 = timed(lambda: run(100), args.repeats)
-    t_ours25 = timed(lambda: run(25), args.repeats)
-    t_diff100 = timed(lambda: run_diffusers(theirs, scheduler, context, null, 100, args.guidance,
-                                            args.truncation, 0), args.repeats)
-    ips = {k: B / v for k, v in [("ours100", t_ours100), ("ours25", t_ours25), ("diff100", t_diff100)]}
+    run_d = lambda steps: run_diffusers(theirs, scheduler, context, null, steps, args.guidance, args.truncation, 0)
+    run(2), run_d(2)  # warm-up (allocator, first-call dispatch)
+    secs = timed({"diff100": lambda: run_d(100), "ours100": lambda: run(100), "ours25": lambda: run(25)},
+                 args.repeats)
+    ips = {k: B / v for k, v in secs.items()}
     size = (f"{args.layers}L×{args.dim}D, {args.side}×{args.side} tokens, K={args.K}, "
-            f"batch {B}, guidance {args.guidance}, truncation {args.truncation}")
+            f"batch {B}, guidance {args.guidance}, truncation {args.truncation}, best of {args.repeats}")
     lines = [
         f"sampling ({size}; torch threads {torch.get_num_threads()}; "
         f"load average {os.getloadavg()[0]:.1f} at the end: the machine is shared, ratios are same-run)",
