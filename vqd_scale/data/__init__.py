@@ -1,1 +1,1 @@
-"""data."""
+"""data: token-shard schema, synthetic source, pre-extraction, streaming resumable loader."""

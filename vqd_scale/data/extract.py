@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from contextlib import nullcontext
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -82,7 +83,7 @@ def extract_shard(cfg: ExtractConfig, input_path: str, tokenizer, tokenize, embe
     skipped: Counter = Counter()
     written = seen = 0
     device = torch.device(cfg.device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     loader = torch.utils.data.DataLoader(ShardSamples(input_path, cfg.resolution, cfg.center_crop),
                                          batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                                          collate_fn=_collate)
@@ -123,14 +124,6 @@ def extract_shard(cfg: ExtractConfig, input_path: str, tokenizer, tokenize, embe
         log.error("shard %s: no valid sample (skipped: %s); check the input shard", input_path, dict(skipped))
     schema.write_json_atomic(schema.done_marker_path(final), marker)
     return marker
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def write_manifest(cfg: ExtractConfig, tokenizer, inputs: list[str], embed_dim: Optional[int] = None,

@@ -130,6 +130,9 @@ class TokenLoader:
                                     f"fix data.sources[].shards")
         mpath = self.cfg.manifest or str(Path(shards[0]).parent / schema.MANIFEST)
         manifest = schema.read_manifest(mpath)
+        if not manifest.get("complete", True):
+            log.warning("data source %r: manifest %s lists %d input shards not extracted yet; training on the "
+                        "finished ones", name, mpath, len(manifest.get("pending_inputs", [])))
         known = {s["name"]: s["count"] for s in manifest.get("shards", [])}
         counts: list[Optional[int]] = []
         for p in shards:
