@@ -190,8 +190,11 @@ class VQDiffusionTransformer(nn.Module):
                 x = checkpoint(block, x, t, k, v, use_reentrant=False)
             else:
                 x = block(x, t, k, v)
-        logits = self.out(self.norm_out(x))  # [B, N, K]
-        return F.log_softmax(logits.float(), dim=-1).transpose(1, 2)  # [B, K, N]
+        # Logits written directly in the [B, K, N] layout the diffusion code reads (one GEMM, same cost):
+        # a transposed [B, N, K] view would cost a full strided copy of the K×N output in the backward.
+        h = self.norm_out(x).transpose(1, 2)  # [B, D, N]
+        logits = torch.baddbmm(self.out.bias[:, None], self.out.weight.expand(B, -1, -1), h)  # [B, K, N]
+        return F.log_softmax(logits.float(), dim=1)
 
     def _check_inputs(self, x_t: torch.Tensor, t: torch.Tensor) -> None:
         if x_t.dim() != 2 or x_t.shape[1] != self.num_tokens:
