@@ -3,6 +3,7 @@ EMA maths, checkpoint selection/retention, model-size refusal, signals, config r
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ from torch import nn
 
 from vqd_scale.config import DeepSpeedConfig, OptimConfig
 from vqd_scale.train import checkpoint as C
-from vqd_scale.train.distributed import detect_env
+from vqd_scale.train.distributed import DEFAULT_PORT, detect_env
 from vqd_scale.train.ema import EMA
 from vqd_scale.train.engine import ds_config, param_groups, resolve_precision
 from vqd_scale.train.lr_schedule import lr_at
@@ -36,6 +37,24 @@ def test_env_torchrun_slurm_and_single():
     assert (both.rank, both.world_size, both.launcher) == (1, 2, "torchrun")
     with pytest.raises(ValueError, match="outside world size"):
         detect_env({"RANK": "4", "WORLD_SIZE": "4"})
+
+
+def test_plain_process_honours_master_port_else_takes_a_free_one():
+    given = detect_env({"MASTER_ADDR": "10.1.2.3", "MASTER_PORT": "12345"})
+    assert (given.launcher, given.world_size, given.master_addr, given.master_port) == ("single", 1, "10.1.2.3", 12345)
+    with socket.socket() as held:
+        try:  # hold the old fixed default; if someone else holds it, it is just as taken
+            held.bind(("127.0.0.1", DEFAULT_PORT))
+            held.listen()
+        except OSError:
+            pass
+        picked = detect_env({}).master_port
+        assert picked != DEFAULT_PORT
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", picked))  # free: a rendezvous can listen there
+    for bad, needle in (("abc", "not an integer"), ("70000", "not a TCP port")):
+        with pytest.raises(ValueError, match=needle):
+            detect_env({"MASTER_PORT": bad})
 
 
 def test_lr_depends_on_samples_only():

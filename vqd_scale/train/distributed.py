@@ -2,11 +2,14 @@
 
 The same entry point runs as a plain process, under `torchrun` and under `srun`. SLURM variables win
 when `SLURM_PROCID` is set *and* torchrun's are not, because `srun python -m torch.distributed.run`
-sets both and torchrun's are then the truth for its children.
+sets both and torchrun's are then the truth for its children. MASTER_ADDR / MASTER_PORT from the
+environment always win; a plain process without them takes a free port, so two plain runs on one
+machine do not collide.
 """
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from dataclasses import dataclass
 from typing import Mapping, Optional
@@ -54,6 +57,20 @@ def _int(env: Mapping[str, str], key: str) -> int:
         raise ValueError(f"environment variable {key}={env[key]!r} is not an integer") from None
 
 
+def free_port(addr: str = "127.0.0.1") -> int:
+    """A port the OS reports free on `addr` (bound to port 0, then released)."""
+    with socket.socket() as s:
+        s.bind((addr, 0))
+        return s.getsockname()[1]
+
+
+def _port(env: Mapping[str, str]) -> int:
+    port = _int(env, "MASTER_PORT")
+    if not 1 <= port <= 65535:
+        raise ValueError(f"environment variable MASTER_PORT={port} is not a TCP port; use 1-65535 or unset it")
+    return port
+
+
 def detect_env(env: Optional[Mapping[str, str]] = None) -> DistEnv:
     """Read rank / local rank / world size and the rendezvous address from the environment."""
     env = os.environ if env is None else env
@@ -68,10 +85,15 @@ def detect_env(env: Optional[Mapping[str, str]] = None) -> DistEnv:
         addr = env.get("MASTER_ADDR") or (
             _first_slurm_host(env["SLURM_JOB_NODELIST"]) if env.get("SLURM_JOB_NODELIST") else "127.0.0.1")
     else:
-        return DistEnv()
-    # A fixed per-job port lets several jobs share a node (SLURM) without colliding.
+        # One plain process still starts a (one-rank) process group for DeepSpeed; a fixed default port
+        # would make two plain runs on one machine collide, so take a free one unless told otherwise.
+        addr = env.get("MASTER_ADDR") or "127.0.0.1"
+        port = _port(env) if env.get("MASTER_PORT") else free_port("127.0.0.1" if addr == "127.0.0.1" else "")
+        return DistEnv(master_addr=addr, master_port=port)
+    # A fixed per-job port lets several jobs share a node (SLURM) without colliding; ranks on other
+    # nodes must compute the same port, so no free-port search here.
     default_port = DEFAULT_PORT + (int(env["SLURM_JOB_ID"]) % 10000 if env.get("SLURM_JOB_ID", "").isdigit() else 0)
-    port = int(env.get("MASTER_PORT", default_port))
+    port = _port(env) if env.get("MASTER_PORT") else default_port
     if not (0 <= rank < world):
         raise ValueError(f"rank {rank} is outside world size {world}; check the launcher's environment")
     return DistEnv(rank, local, world, addr, port, launcher)
