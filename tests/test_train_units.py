@@ -175,3 +175,93 @@ def test_cli_refuses_bad_config_before_process_group(tmp_path):
                        cwd=REPO, env=env)
     assert r.returncode == 2 and "deepspeed.zero_stage" in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "run").exists()
+
+
+def _wandb_run(monkeypatch, tmp_path, fail_init=None):
+    """A rank-0 MetricsLogger on a real offline wandb run (or a failing init), in tmp_path."""
+    import wandb
+    from vqd_scale.config import LoggingConfig
+    from vqd_scale.train.metrics import MetricsLogger
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    if fail_init is not None:
+        monkeypatch.setattr(wandb, "init", fail_init)
+    return MetricsLogger(LoggingConfig(wandb_mode="online"), tmp_path / "run", True, {"a": 1}, 0)
+
+
+def test_wandb_init_failure_warns_and_keeps_jsonl(monkeypatch, tmp_path):
+    from vqd_scale.train.metrics import read_metrics
+
+    def down(**kw):
+        raise ConnectionError("api.wandb.ai unreachable")
+    with pytest.warns(RuntimeWarning, match="wandb failed to start.*ConnectionError.*metrics.jsonl") as rec:
+        logger = _wandb_run(monkeypatch, tmp_path, fail_init=down)
+    assert logger.wandb is None and len(rec) == 1
+    logger.log(1, {"loss": 2.5})
+    logger.log(2, {"loss": 1.5})
+    logger.close()
+    m = read_metrics(tmp_path / "run")
+    assert sorted(m) == [1, 2] and m[2]["loss"] == 1.5
+
+
+def test_wandb_log_failure_warns_once_and_keeps_jsonl(monkeypatch, tmp_path):
+    from vqd_scale.train.metrics import read_metrics
+    logger = _wandb_run(monkeypatch, tmp_path)
+    assert logger.wandb is not None and logger.wandb.settings.mode == "offline"  # WANDB_MODE beat the config
+    calls = []
+
+    def lost(*a, **kw):  # what a run whose wandb-core service was SIGTERMed raises
+        calls.append(a)
+        raise ConnectionResetError("Connection lost")
+    run = logger.wandb
+    monkeypatch.setattr(run, "log", lost)
+    with pytest.warns(RuntimeWarning, match="wandb failed to log.*ConnectionResetError") as rec:
+        for step in (1, 2, 3):
+            logger.log(step, {"loss": float(step)})
+    assert len(rec) == 1 and len(calls) == 1  # warned once, then wandb is left alone
+    logger.close()
+    run.finish()  # the real run still closes cleanly (nothing left open by the logger)
+    assert sorted(read_metrics(tmp_path / "run")) == [1, 2, 3]
+
+
+def test_wandb_mode_env_overrides_config(monkeypatch, tmp_path):
+    import wandb
+    from vqd_scale.config import LoggingConfig
+    from vqd_scale.train.metrics import MetricsLogger
+    seen = []
+    monkeypatch.setattr(wandb, "init", lambda **kw: seen.append(kw["mode"]) or None)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    MetricsLogger(LoggingConfig(wandb_mode="online"), tmp_path / "a", True, {}, 0).close()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    MetricsLogger(LoggingConfig(wandb_mode="disabled"), tmp_path / "b", True, {}, 0).close()
+    assert seen == ["offline"]
+
+
+def test_signal_during_wandb_init_or_finish_does_not_kill(monkeypatch, tmp_path):
+    """A preemption signal during init reaches the previous handler afterwards; during finish it is held."""
+    outer = StopFlag().install()  # stands for the training loop's handler
+    try:
+        def slow_init(**kw):
+            os.kill(os.getpid(), signal.SIGUSR2)
+            raise TimeoutError("init timed out")
+        with pytest.warns(RuntimeWarning, match="failed to start"), monkeypatch.context() as mp:
+            _wandb_run(mp, tmp_path, fail_init=slow_init).close()
+        assert outer.signum == signal.SIGUSR2  # re-delivered after init, not lost
+        outer.signum = None
+        logger = _wandb_run(monkeypatch, tmp_path)
+        run = logger.wandb
+
+        def finish_then_term():
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise ConnectionResetError("Connection lost")
+        monkeypatch.setattr(run, "finish", finish_then_term)
+        with pytest.warns(RuntimeWarning) as rec:
+            logger.close()
+        msgs = " ".join(str(w.message) for w in rec)
+        assert "failed to finish" in msgs and f"signal {int(signal.SIGTERM)} arrived while wandb was finishing" in msgs
+        assert outer.signum is None  # held by close(), not delivered to (or killing) the process
+        assert signal.getsignal(signal.SIGTERM) == outer._handler  # handlers restored
+    finally:
+        outer.restore()
+    monkeypatch.undo()
+    run.finish()

@@ -200,7 +200,7 @@ class LoggingConfig:
     """wandb (offline unless configured), JSONL metrics, console line."""
     every_steps: int = 10
     wandb_project: str = "vqd_scale"
-    wandb_mode: str = "offline"  # offline | online | disabled
+    wandb_mode: str = "offline"  # offline | online | disabled; the WANDB_MODE environment variable wins
     wandb_entity: Optional[str] = None
 
 

@@ -21,6 +21,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+# Run-directory layout (docs/architecture.md): the one place these names are defined.
+CONFIG_FILE = "config.yaml"  # fully resolved RunConfig, in RUN_DIR and in every checkpoint
+METRICS_FILE = "metrics.jsonl"
+TEXT_FILE = "text_encoder.safetensors"  # frozen text tower weights when text.pretrained is unset
+DONE_FILE = "DONE"  # written when max_samples is reached: eval watchers stop polling
 CKPT_DIR = "checkpoints"
 COMPLETE = "complete.json"
 LATEST = "latest"
@@ -130,7 +135,7 @@ def save_checkpoint(run_dir: Path, step: int, engine, rank: int, world_size: int
     torch.save({"rng": rank_state["rng"], "loader": rank_state.get("loader")}, path / f"rank_{rank:05d}.pt")
     if rank == 0:
         torch.save(trainer_state, path / TRAINER_STATE)
-        (path / "config.yaml").write_text(config_yaml)
+        (path / CONFIG_FILE).write_text(config_yaml)
         if ema_state is not None:
             save_file(ema_state, str(path / EMA_FILE))
     barrier()  # every rank's files exist before the checkpoint is declared complete

@@ -1,18 +1,29 @@
-"""Training metrics: JSONL file, wandb (offline by default), and a rank-0 console line; throughput and MFU."""
+"""Training metrics: JSONL file, wandb (offline by default), and a rank-0 console line; throughput and MFU.
+
+wandb is optional telemetry and never the reason a run dies: a failure to start, log or finish
+(no network, a bad WANDB_MODE, its `wandb-core` service killed by the SIGTERM that SLURM sends to every
+process of the job) is warned about once, and the run goes on with metrics.jsonl and the console.
+"""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import resource
+import signal
 import sys
+import threading
 import time
+import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
 from vqd_scale.config import LoggingConfig
+from vqd_scale.train.checkpoint import METRICS_FILE
+from vqd_scale.train.signals import StopFlag
 
 # Dense bf16 peak FLOP/s per GPU (vendor datasheets), for the MFU estimate.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40": 181e12, "A10": 125e12, "V100": 125e12}
@@ -52,17 +63,28 @@ class MetricsLogger:
         if not is_main:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)  # line-buffered: survives a kill
-        mode = os.environ.get("WANDB_MODE", cfg.wandb_mode)
+        self.file = open(run_dir / METRICS_FILE, "a", buffering=1)  # line-buffered: survives a kill
+        mode = os.environ.get("WANDB_MODE") or cfg.wandb_mode  # the environment wins (documented in config)
         if mode != "disabled":
-            import wandb
-            os.environ.setdefault("WANDB_SILENT", "true")
             # The run id is stable per run directory so a resumed job continues the same wandb run.
             run_id = "vqd-" + hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:12]
-            self.wandb = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity, mode=mode,
-                                    dir=str(run_dir), config=config_dict, id=run_id, resume="allow")
+            with _held_signals(redeliver=True):  # a preemption signal during a slow init acts after it
+                self.wandb = self._guard("start", lambda: _wandb_init(
+                    project=cfg.wandb_project, entity=cfg.wandb_entity, mode=mode, dir=str(run_dir),
+                    config=config_dict, id=run_id, resume="allow"))
         self._last_print = 0.0
         self.resumed_step = resumed_step
+
+    def _guard(self, what: str, fn: Callable):
+        """Run a wandb call; on any error warn once, drop wandb, and return None."""
+        try:
+            return fn()
+        except Exception as e:  # wandb raises many types (ConnectionResetError, UsageError, CommError, ...)
+            self.wandb = None
+            warnings.warn(f"wandb failed to {what} ({type(e).__name__}: {e}); continuing WITHOUT wandb — metrics "
+                          f"still go to {METRICS_FILE} and the console. Set WANDB_MODE=offline or disabled "
+                          "(or logging.wandb_mode) to avoid it.", RuntimeWarning, stacklevel=3)
+            return None
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.is_main:
@@ -70,15 +92,47 @@ class MetricsLogger:
         record = {"step": step, "time": time.time(), **metrics}
         self.file.write(json.dumps(record) + "\n")
         if self.wandb is not None:
-            self.wandb.log(metrics, step=step)
+            run = self.wandb
+            self._guard("log", lambda: run.log(metrics, step=step))
         line = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in CONSOLE_KEYS)
         print(f"[step {step}] {line}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
+            self.file = None
         if self.wandb is not None:
-            self.wandb.finish()
+            run = self.wandb
+            # The run has already checkpointed: a signal now must not kill the process (and lose its exit
+            # code) while wandb flushes; it is reported instead.
+            with _held_signals(redeliver=False):
+                self._guard("finish", run.finish)
+            self.wandb = None
+
+
+def _wandb_init(**kwargs):
+    import wandb
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return wandb.init(**kwargs)
+
+
+@contextlib.contextmanager
+def _held_signals(redeliver: bool) -> Iterator[None]:
+    """Hold preemption signals during a wandb call; afterwards re-raise them to the previous handler or warn."""
+    if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
+        yield
+        return
+    flag = StopFlag().install()
+    try:
+        yield
+    finally:
+        flag.restore()
+        if flag.raised:
+            if redeliver:
+                signal.raise_signal(flag.signum)
+            else:
+                warnings.warn(f"signal {flag.signum} arrived while wandb was finishing; ignored (the run had "
+                              "already checkpointed and is exiting)", RuntimeWarning, stacklevel=3)
 
 
 CONSOLE_KEYS = ("loss", "vlb", "aux", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "data_wait",
@@ -88,7 +142,7 @@ CONSOLE_KEYS = ("loss", "vlb", "aux", "lr", "grad_norm", "samples_per_s", "token
 def read_metrics(run_dir: str | os.PathLike) -> dict[int, dict]:
     """metrics.jsonl → {step: record}; a step logged twice (replayed after resume) keeps its last record."""
     out: dict[int, dict] = {}
-    with open(Path(run_dir) / "metrics.jsonl") as f:
+    with open(Path(run_dir) / METRICS_FILE) as f:
         for line in f:
             if line.strip():
                 rec = json.loads(line)
