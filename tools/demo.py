@@ -46,8 +46,7 @@ def sample_and_score(run_dir: Path, tok_dir: Path, captions: list[str], real: np
     from vqd_scale.models.text import FrozenCLIPTextEncoder
     from vqd_scale.models.transformer import VQDiffusionTransformer
     from vqd_scale.models.vqvae import ImageTokenizer
-    from vqd_scale.train.checkpoint import list_complete, load_weights
-    from vqd_scale.train.loop import TEXT_FILE
+    from vqd_scale.train.checkpoint import TEXT_FILE, list_complete, load_weights
 
     cfg = load_config(run_dir / "config.yaml")
     step, ckpt = list_complete(run_dir)[-1]

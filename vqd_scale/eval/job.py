@@ -26,12 +26,9 @@ from vqd_scale.eval import plots
 from vqd_scale.eval.heldout import HeldOut, read_heldout
 from vqd_scale.eval.watch import EVAL_DIR, result_path
 from vqd_scale.train import distributed as D
-from vqd_scale.train.checkpoint import EMA_FILE, check_same_model, load_weights, read_complete
+from vqd_scale.train.checkpoint import EMA_FILE, TEXT_FILE, check_same_model, load_weights, read_complete
 
 log = logging.getLogger(__name__)
-# vqd_scale.train.loop.TEXT_FILE (not imported: that module pulls in DeepSpeed, seconds per start;
-# tests/test_eval_job.py checks they agree). Ask D to move it to train/checkpoint.py.
-TEXT_FILE = "text_encoder.safetensors"
 PRIOR_BATCH = 256  # embeddings per prior sampling call: tiny tensors, so one call per few hundred
 
 

@@ -21,12 +21,11 @@ from typing import Any, Callable, Optional
 import yaml
 
 from vqd_scale.train.checkpoint import COMPLETE, list_complete
+from vqd_scale.train.checkpoint import DONE_FILE as DONE_MARKER  # written by training when it finished for good
 
 log = logging.getLogger(__name__)
 
 EVAL_DIR = "eval"
-# Written by training when it finished for good; the watcher then exits once nothing is pending.
-DONE_MARKER = "DONE"
 
 
 def result_path(run_dir: str | os.PathLike, step: int) -> Path:

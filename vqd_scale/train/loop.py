@@ -23,10 +23,8 @@ from vqd_scale.train.ema import EMA
 from vqd_scale.train.engine import build_engine
 from vqd_scale.train.lr_schedule import lr_at, set_lr
 from vqd_scale.train.metrics import MetricsLogger, peak_flops, peak_memory_mb
+from vqd_scale.train.checkpoint import DONE_FILE, TEXT_FILE
 from vqd_scale.train.signals import EXIT_PREEMPTED, StopFlag
-
-TEXT_FILE = "text_encoder.safetensors"  # frozen text tower weights when text.pretrained is unset
-DONE_FILE = "DONE"  # written when max_samples is reached: eval watchers stop polling
 
 
 @dataclass
