@@ -1,7 +1,6 @@
 """Client-side helpers for tests/slurm: submit with sbatch, poll scontrol (never `sbatch --wait`), read logs."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -82,18 +81,3 @@ class Cluster:
     def assert_completed(self, job_id: str, info: dict) -> None:
         assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", \
             f"job {job_id} ended {info.get('JobState')} exit {info.get('ExitCode')}\n{self.log_tail(job_id)}"
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Lines of a JSONL file that are complete JSON objects (a writer may be mid-line)."""
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return out
-
-

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from slurm_helpers import REPO, read_jsonl
+from slurm_helpers import REPO
+from vqd_scale.launch.timeline import read_jsonl
 
 pytestmark = pytest.mark.slurm
 

@@ -33,22 +33,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _to_diffusers(a) -> Path:
-    from safetensors.torch import load_file
-
+    from vqd_scale.cli import weights_and_config
     from vqd_scale.config import load_config
     from vqd_scale.interop.pipeline import export_pipeline
     from vqd_scale.models.text import FrozenCLIPTextEncoder
     from vqd_scale.models.vqvae import ImageTokenizer
-    if bool(a.checkpoint) == bool(a.weights):
-        raise ValueError("give exactly one of --checkpoint or --weights")
-    if a.checkpoint:
-        from vqd_scale.train.checkpoint import load_weights
-        sd = load_weights(a.checkpoint, which=a.which)  # refuses incomplete checkpoints
-        config = a.config or Path(a.checkpoint).resolve().parents[1] / "config.yaml"
-    else:
-        if not a.config:
-            raise ValueError("--weights needs --config (the run's config.yaml)")
-        sd, config = load_file(a.weights), a.config
+    sd, config = weights_and_config(a.checkpoint, a.weights, a.config, which=a.which)
     cfg = load_config(config)
     text = FrozenCLIPTextEncoder(cfg.text)
     out = export_pipeline(a.out, sd, cfg.model, cfg.diffusion, text, ImageTokenizer.load(a.image_tokenizer))

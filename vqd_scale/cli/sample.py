@@ -35,21 +35,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def load_model(a):
     """(RunConfig, transformer on device) from --checkpoint or --weights/--config."""
-    from safetensors.torch import load_file
-
+    from vqd_scale.cli import weights_and_config
     from vqd_scale.config import load_config
     from vqd_scale.interop.pipeline import with_num_classes
     from vqd_scale.models.transformer import VQDiffusionTransformer
-    if bool(a.checkpoint) == bool(a.weights):
-        raise ValueError("give exactly one of --checkpoint or --weights")
-    if a.checkpoint:
-        from vqd_scale.train.checkpoint import load_weights
-        sd = load_weights(a.checkpoint, which="ema")
-        config = a.config or Path(a.checkpoint).resolve().parents[1] / "config.yaml"
-    else:
-        if not a.config:
-            raise ValueError("--weights needs --config (the run's config.yaml)")
-        sd, config = load_file(a.weights), a.config
+    sd, config = weights_and_config(a.checkpoint, a.weights, a.config, which="ema")
     cfg = load_config(config)
     cfg.model = with_num_classes(cfg.model, sd)
     model = VQDiffusionTransformer(cfg.model)

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 
-def _jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
+    """Lines of a JSONL file that are complete JSON objects (a writer may be mid-line)."""
     if not path.exists():
         return []
     out = []
@@ -25,8 +26,8 @@ def timeline(run_dir: str | Path) -> list[dict]:
     """One row per job start: restart count, seconds to its first logged step, and for restarts the
     seconds from the requeue before it to that job start and to its first step."""
     run_dir = Path(run_dir)
-    events = _jsonl(run_dir / "slurm_jobs.jsonl")
-    times = sorted(m["time"] for m in _jsonl(run_dir / "metrics.jsonl") if "time" in m)
+    events = read_jsonl(run_dir / "slurm_jobs.jsonl")
+    times = sorted(m["time"] for m in read_jsonl(run_dir / "metrics.jsonl") if "time" in m)
     rows, last_requeue = [], None
     for e in events:
         if e["event"] == "requeue":
