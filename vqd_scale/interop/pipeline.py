@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from vqd_scale.compat import import_open_clip
+from vqd_scale.compat import import_diffusers
 from vqd_scale.config import DiscreteDiffusionConfig, TransformerConfig
 from vqd_scale.diffusion.presets import resolve_endpoints
 from vqd_scale.interop.clip_hf import to_hf_text_model, write_hf_tokenizer
@@ -24,8 +24,7 @@ LearnedEmbModule = "diffusers.pipelines.deprecated.vq_diffusion.pipeline_vq_diff
 
 
 def _diffusers():
-    import_open_clip()  # torchvision patch before diffusers → transformers imports it on CPU torch
-    import diffusers
+    diffusers = import_diffusers()
     from diffusers.pipelines.deprecated.vq_diffusion.pipeline_vq_diffusion import (
         LearnedClassifierFreeSamplingEmbeddings)
     return diffusers, LearnedClassifierFreeSamplingEmbeddings

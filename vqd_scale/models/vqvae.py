@@ -186,12 +186,9 @@ def _nearest(feats: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
 
 
 def _import_vqmodel():
-    from vqd_scale.compat import import_open_clip
+    from vqd_scale.compat import import_diffusers
 
-    import_open_clip()  # diffusers imports torchvision; compat makes that import work on CPU torch
-    from diffusers import VQModel
-
-    return VQModel
+    return import_diffusers().VQModel
 
 
 class VQModelTokenizer(ImageTokenizer):
