@@ -1,7 +1,6 @@
 """Pre-extraction: token records checked against independent paths, done-markers/rerun, every kind of bad input."""
 import io
 import json
-import os
 import tarfile
 
 import numpy as np
@@ -13,7 +12,6 @@ from PIL import Image
 from vqd_scale.cli.extract import main as extract_main
 from vqd_scale.compat import import_open_clip
 from vqd_scale.config import DataConfig, SourceConfig
-from vqd_scale.data import schema
 from vqd_scale.data.extract import ExtractConfig, run_extract
 from vqd_scale.data.loader import TokenLoader
 from vqd_scale.data.synthetic import SyntheticSpec, synthetic_images, write_shards

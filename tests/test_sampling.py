@@ -112,7 +112,6 @@ def test_truncation_applies_after_guidance():
 
 
 def test_purity_unmasks_scheduled_count_and_keeps_filled():
-    x0 = torch.randint(0, K, (3, 16), generator=torch.Generator().manual_seed(8))
     table = torch.log_softmax(torch.randn(3, K, 16, generator=torch.Generator().manual_seed(9)), 1)
     rec = []
 

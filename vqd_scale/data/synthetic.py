@@ -13,7 +13,10 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Optional
+
+if TYPE_CHECKING:  # torch is imported lazily: the img2dataset writer does not need it
+    import torch
 
 import numpy as np
 from PIL import Image, ImageDraw
