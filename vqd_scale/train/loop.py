@@ -66,6 +66,40 @@ def _step_seed(seed: int, rank: int, step: int, micro: int) -> int:
     return (seed * 1_000_003 + rank * 7_919 + step * 131 + micro) % 2**63
 
 
+def _init_hint(init_from: Path, cfg: RunConfig) -> str:
+    """What to set so the run's model matches `--init-from` weights imported by `vqd-export import`."""
+    sidecar = init_from.with_suffix(".yaml")  # the model section `vqd-export import` writes beside W.safetensors
+    if cfg.task != "vqd" or not init_from.is_file() or not sidecar.is_file():
+        return "set the model section (model.size / layers / dim / heads / num_classes / context_dim) to the weights' model"
+    from vqd_scale.config import TransformerConfig
+    from vqd_scale.models.transformer import resolve_size
+    theirs = TransformerConfig(**OmegaConf.to_container(OmegaConf.load(sidecar))["model"])
+
+    def fields(m: TransformerConfig) -> dict:  # the fields that decide tensor shapes, sizes resolved
+        return {**dataclasses.asdict(resolve_size(m)), **{k: getattr(m, k) for k in (
+            "num_classes", "height", "width", "context_dim", "context_len", "num_timesteps")}}
+    ours, want = fields(cfg.model), fields(theirs)
+    fix = " ".join(f"model.{k}={v}" for k, v in want.items() if ours[k] != v)
+    return f"set {fix} (from {sidecar}, written by vqd-export import)" if fix else f"compare with {sidecar}"
+
+
+def _load_init_from(init_from: str, module: torch.nn.Module, cfg: RunConfig) -> None:
+    """Load `--init-from` weights (a .safetensors, e.g. from `vqd-export import`, or a checkpoint's EMA)."""
+    p = Path(init_from)
+    if not p.exists():
+        raise FileNotFoundError(f"--init-from {init_from}: no such weights file or checkpoint directory")
+    sd = ckpt_io.load_weights(p, "ema") if p.is_dir() else load_file(str(p))
+    own = module.state_dict()
+    # Named shape/key differences first: load_state_dict's own message is one line per tensor.
+    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in sd and sd[k].shape != v.shape]
+    missing, extra = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    if wrong or missing or extra:
+        raise ValueError(f"--init-from {init_from} holds weights of another model (shape weights vs this run: "
+                         f"{', '.join(wrong[:3]) or 'none'}; missing {missing[:3]}; unexpected {extra[:3]}): "
+                         f"{_init_hint(p, cfg)}")
+    _load_module_weights(module, sd, init_from)
+
+
 def _load_module_weights(module: torch.nn.Module, sd: dict, where: str) -> None:
     try:
         module.load_state_dict(sd, strict=True)
@@ -89,6 +123,10 @@ def run(cfg: RunConfig, resume: Optional[str] = None, init_from: Optional[str] =
     task = build_task(cfg, device)
     if ckpt is not None:  # refuse another model (e.g. size) before any process group exists
         ckpt_io.check_same_model(ckpt_io.read_complete(ckpt)["model"], task.model_config, str(ckpt))
+        if init_from and env.is_main:
+            print(f"--init-from {init_from} ignored: resuming from {ckpt}", flush=True)
+    elif init_from:  # before the process group and the engine: wrong weights fail fast, on every rank alike
+        _load_init_from(init_from, task.module, cfg)
     D.init_distributed(env)
     _seed_all(cfg.seed + env.rank)  # per-rank randomness (dropout) from here on
     if env.is_main:
@@ -108,10 +146,6 @@ def run(cfg: RunConfig, resume: Optional[str] = None, init_from: Optional[str] =
                       f"{env.world_size}: loading consolidated weights; optimizer state is REBUILT and the "
                       "data loader restarts at a new position", stacklevel=1)
         _load_module_weights(task.module, ckpt_io.load_weights(ckpt, "model"), str(ckpt))
-    elif ckpt is None and init_from:
-        p = Path(init_from)
-        sd = ckpt_io.load_weights(p, "ema") if p.is_dir() else load_file(str(p))
-        _load_module_weights(task.module, sd, init_from)
     engine, precision = build_engine(task.module, cfg.deepspeed, cfg.optim, cfg.data.batch_size,
                                      env.world_size, device)
     ema = EMA(cfg.optim.ema_decay, cfg.optim.ema_every, keep=env.is_main)
