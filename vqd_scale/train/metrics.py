@@ -82,8 +82,8 @@ class MetricsLogger:
         except Exception as e:  # wandb raises many types (ConnectionResetError, UsageError, CommError, ...)
             self.wandb = None
             warnings.warn(f"wandb failed to {what} ({type(e).__name__}: {e}); continuing WITHOUT wandb — metrics "
-                          f"still go to {METRICS_FILE} and the console. Set WANDB_MODE=offline or disabled "
-                          "(or logging.wandb_mode) to avoid it.", RuntimeWarning, stacklevel=3)
+                          f"still go to {METRICS_FILE} and the console. WANDB_MODE=offline or disabled (or "
+                          "logging.wandb_mode when WANDB_MODE is unset) avoids it.", RuntimeWarning, stacklevel=3)
             return None
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
