@@ -9,7 +9,7 @@ guidance as one batched [cond; uncond] forward per step with the learned null te
 `guide`/`truncate`/`sample_categorical` code, the same batch, dtype and device. Before timing, the
 cached AR decode is checked against a full causal forward of the sequence it produced.
 
-    OMP_NUM_THREADS=2 python bench/ar_vs_diffusion.py            # CPU fp32, ≈3-4 min on 2 cores
+    OMP_NUM_THREADS=1 python bench/ar_vs_diffusion.py            # CPU fp32, ≈4 min on a shared 2-core box
     python bench/ar_vs_diffusion.py --device cuda --bf16 --batch 16 --repeats 3
 """
 from __future__ import annotations
@@ -214,7 +214,10 @@ def main():
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: OMP_NUM_THREADS)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda given but torch sees no GPU; drop it or run on a GPU machine")
