@@ -237,6 +237,7 @@ def main():
                       torch.Generator(device).manual_seed(0), device=device)
 
     run_ar = lambda: ar.generate(context, scfg(100), torch.Generator(device).manual_seed(0), amp)
+    header = f"machine: {machine(device)} (at the start)"
     with torch.inference_mode():
         err = check_cache(ar, context[:1], scfg(100), device)  # fp32: the check is of the cache logic
         assert err < 1e-4, f"AR KV-cache decode disagrees with a causal forward: {err}"
@@ -245,7 +246,7 @@ def main():
         secs = timed({"ar": run_ar, **fns}, args.repeats, sync)
     n_ours, n_core, n_ar = param_counts(ours, ar)
     ips = {k: args.batch / v for k, v in secs.items()}
-    print(f"machine: {machine(device)}")
+    print(header)
     print(f"size: {args.layers}L×{args.dim}D, {args.heads} heads, MLP×{args.mlp_ratio:g}, {args.side}×{args.side} "
           f"= {ours.num_tokens} tokens, K={args.K}, text {cfg.context_len}×{args.context_dim}; batch {args.batch}, "
           f"{'bf16 autocast' if args.bf16 else 'fp32'}, {args.device}, guidance {args.guidance} "
