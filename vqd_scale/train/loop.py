@@ -109,6 +109,17 @@ def _load_module_weights(module: torch.nn.Module, sd: dict, where: str) -> None:
 
 def run(cfg: RunConfig, resume: Optional[str] = None, init_from: Optional[str] = None) -> int:
     """Train until `max_samples` (exit 0) or a preemption signal (checkpoint, exit EXIT_PREEMPTED)."""
+    # Installed first: a signal during setup (a DeepSpeed op build, a slow wandb start) must not kill
+    # the rank outright; it is honoured at the first step boundary like any other.
+    stop = StopFlag().install()
+    try:
+        return _setup_and_loop(cfg, resume, init_from, stop)
+    finally:
+        stop.restore()
+
+
+def _setup_and_loop(cfg: RunConfig, resume: Optional[str], init_from: Optional[str], stop: StopFlag) -> int:
+    """Build everything on every rank (resuming when asked), then run the loop."""
     env = D.detect_env()
     resume = cfg.checkpoint.resume if resume is None else resume
     init_from = cfg.checkpoint.init_from if init_from is None else init_from
@@ -173,11 +184,9 @@ def run(cfg: RunConfig, resume: Optional[str] = None, init_from: Optional[str] =
             print(f"resumed from {ckpt} at step {state.step} ({state.samples_seen} samples)", flush=True)
 
     logger = MetricsLogger(cfg.logging, run_dir, env.is_main, to_dict(cfg), state.step)
-    stop = StopFlag().install()
     try:
         return _loop(cfg, env, device, task, engine, ema, loader, state, logger, stop, run_dir, config_yaml)
     finally:
-        stop.restore()
         logger.close()
         D.shutdown()
 
