@@ -2,11 +2,11 @@
 and the polling loop of `vqd-eval --watch`.
 
 A checkpoint is *evaluated* when `RUN_DIR/eval/<step>.json` exists (written atomically last).
-Before evaluating, an evaluator *claims* the step by creating `eval/<step>.lock` with O_EXCL, so two
-watchers on a shared file system never evaluate the same step; a claim left by a dead evaluator
-(same host and its pid is gone, an earlier attempt of this requeued SLURM job, or older than
-`stale_seconds`) is
-retaken, which makes a restart idempotent. Pure file-system logic: the evaluation is a callback.
+Before evaluating, an evaluator *claims* the step by creating `eval/<step>.lock` atomically (a hard
+link, which fails if the name exists), so two watchers on a shared file system never evaluate the
+same step; a claim left by a dead evaluator (same host and its pid is gone, an earlier attempt of
+this requeued SLURM job, or older than `stale_seconds`) is retaken, which makes a restart
+idempotent. Pure file-system logic: the evaluation is a callback.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -68,6 +69,24 @@ def _is_stale(owner: dict, stale_seconds: float) -> bool:
     return time.time() - float(owner.get("time", 0)) > stale_seconds
 
 
+def _create_claim(lock: Path) -> bool:
+    """Create `lock` holding our owner record, all at once; False if it already exists.
+
+    The record is written to a private file first and hard-linked into place (link fails if the name
+    exists, like O_EXCL), so a reader never sees a claim that is still empty: an empty claim would read
+    as an unknown owner and be retaken as stale while its evaluator is running.
+    """
+    tmp = lock.with_name(f"{lock.name}.{socket.gethostname()}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(json.dumps(_owner()))
+    try:
+        os.link(tmp, lock)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def try_claim(run_dir: str | os.PathLike, step: int, stale_seconds: float) -> bool:
     """Atomically claim `step` for this process; False if it is done or claimed by a live evaluator."""
     lock = lock_path(run_dir, step)
@@ -75,21 +94,18 @@ def try_claim(run_dir: str | os.PathLike, step: int, stale_seconds: float) -> bo
     for _ in range(2):  # second round only after removing a stale claim
         if result_path(run_dir, step).exists():
             return False
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+        if not _create_claim(lock):
             try:
-                owner = json.loads(lock.read_text() or "{}")
+                owner = json.loads(lock.read_text())
+            except FileNotFoundError:
+                continue  # released between our attempt and the read: try again
             except (OSError, ValueError):
-                owner = {}  # being written right now, or garbage: judge by the file's age
-                owner["time"] = lock.stat().st_mtime if lock.exists() else 0
+                owner = {"time": lock.stat().st_mtime if lock.exists() else 0}  # garbage: judge by its age
             if not _is_stale(owner, stale_seconds):
                 return False
             log.warning("retaking stale eval claim %s (owner %s)", lock, owner)
             lock.unlink(missing_ok=True)
             continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(_owner(), f)
         if result_path(run_dir, step).exists():  # finished between our check and the claim
             lock.unlink(missing_ok=True)
             return False
