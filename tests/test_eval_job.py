@@ -135,12 +135,6 @@ def test_vqd_eval_end_to_end(run_dir):
     assert not (ev / "40.json").exists() and not (ev / "40.lock").exists()
 
 
-def test_text_tower_file_name_matches_training():
-    from vqd_scale.eval.job import TEXT_FILE
-    from vqd_scale.train.loop import TEXT_FILE as TRAIN_TEXT_FILE
-    assert TEXT_FILE == TRAIN_TEXT_FILE
-
-
 def test_cli_refusals(run_dir, tmp_path, capsys):
     assert cli.main([str(tmp_path)]) == 2
     assert "config.yaml not found" in capsys.readouterr().err

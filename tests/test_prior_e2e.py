@@ -31,7 +31,7 @@ def _env() -> dict:
                WANDB_MODE="disabled", MASTER_PORT=str(_port()))  # other suites may hold the default 29500
     for k in ("SLURM_PROCID", "SLURM_NTASKS"):
         env.pop(k, None)
-    # one rank, declared explicitly: a launcher-less run ignores MASTER_PORT and uses the default port
+    # one rank, declared explicitly, on the free port above: another suite may hold 29500
     env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
     return env
 
