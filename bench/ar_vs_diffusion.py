@@ -10,6 +10,7 @@ guidance as one batched [cond; uncond] forward per step with the learned null te
 cached AR decode is checked against a full causal forward of the sequence it produced.
 
     OMP_NUM_THREADS=1 python bench/ar_vs_diffusion.py            # CPU fp32, ≈4 min on a shared 2-core box
+    OMP_NUM_THREADS=1 python bench/ar_vs_diffusion.py --no-cache-ar   # + the paper-era AR decoder (slow)
     python bench/ar_vs_diffusion.py --device cuda --bf16 --batch 16 --repeats 3
 """
 from __future__ import annotations
@@ -120,8 +121,12 @@ class ARTransformer(nn.Module):
         return F.log_softmax(self.out(self.norm_out(x)).float(), -1).transpose(1, 2)
 
     def generate(self, context: torch.Tensor, cfg: SamplerConfig, generator: torch.Generator,
-                 amp=contextlib.nullcontext()) -> tuple[torch.Tensor, torch.Tensor]:
-        """Long[B, N] tokens, one cached forward per token, and the guided log-probs F[B, K, N] it drew from."""
+                 amp=contextlib.nullcontext(), kv_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Long[B, N] tokens, one forward per token, and the guided log-probs F[B, K, N] it drew from.
+
+        With `kv_cache` each forward pushes one new token; without it each forward re-runs the causal
+        pass over the whole prefix, as the paper-era AR samplers did (taming-transformers' `sample`).
+        """
         B, guided = context.shape[0], cfg.guidance_scale != 1.0
         with amp:
             kv = self.context_kv(context, guided)
@@ -131,12 +136,15 @@ class ARTransformer(nn.Module):
         out, log_ps = [], []
         for i in range(self.num_tokens):
             with amp:
-                x = (self.token_emb(tok) + pos[i])[:, None]  # [B, 1, D]
+                if kv_cache:
+                    x = (self.token_emb(tok) + pos[i])[:, None]  # [B, 1, D]
+                else:
+                    x = self.token_emb(torch.stack([tok.new_full((B,), self.num_classes), *out], 1)) + pos[:i + 1]
                 if guided:
-                    x = torch.cat([x, x])  # [cond; uncond], [2B, 1, D]
+                    x = torch.cat([x, x])  # [cond; uncond], [2B, n, D]
                 for block, (k, v), cache in zip(self.blocks, kv, caches):
-                    x = block(x, k, v, cache, i)
-                logits = self.out(self.norm_out(x[:, 0]))  # [2B or B, K]
+                    x = block(x, k, v, cache, i) if kv_cache else block(x, k, v)
+                logits = self.out(self.norm_out(x[:, -1]))  # [2B or B, K], the newest position
             lp = F.log_softmax(logits.float(), -1)[..., None]  # [·, K, 1], the layout the sampler reads
             lc, lu = lp.chunk(2) if guided else (lp, None)
             exact = cfg.truncation_rate < 1.0
@@ -158,9 +166,9 @@ def build(args, device, dtype):
     return cfg, ours, ar.eval().to(device)
 
 
-def check_cache(ar: ARTransformer, context: torch.Tensor, cfg: SamplerConfig, device) -> float:
-    """Max |Δ log p| between the KV-cached decode and one causal forward over the tokens it drew."""
-    tokens, lp_cached = ar.generate(context, cfg, torch.Generator(device).manual_seed(1))
+def check_cache(ar: ARTransformer, context: torch.Tensor, cfg: SamplerConfig, device, kv_cache=True) -> float:
+    """Max |Δ log p| between a sequential decode and one causal forward over the tokens it drew."""
+    tokens, lp_cached = ar.generate(context, cfg, torch.Generator(device).manual_seed(1), kv_cache=kv_cache)
     lp_full = ar.logits_full(tokens, ar.context_kv(context, guided=False))
     return float((lp_cached - lp_full).abs().max())
 
@@ -214,6 +222,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides")
+    ap.add_argument("--no-cache-ar", action="store_true",
+                    help="also time the AR model without a KV cache (prefix recomputed per token, like the "
+                         "paper-era samplers); ≈N/2 full forwards per image, so minutes on CPU")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: OMP_NUM_THREADS)")
     args = ap.parse_args()
     if args.threads:
@@ -237,13 +248,19 @@ def main():
                       torch.Generator(device).manual_seed(0), device=device)
 
     run_ar = lambda: ar.generate(context, scfg(100), torch.Generator(device).manual_seed(0), amp)
+    run_ar_nc = lambda: ar.generate(context, scfg(100), torch.Generator(device).manual_seed(0), amp, kv_cache=False)
     header = f"machine: {machine(device)} (at the start)"
     with torch.inference_mode():
         err = check_cache(ar, context[:1], scfg(100), device)  # fp32: the check is of the cache logic
         assert err < 1e-4, f"AR KV-cache decode disagrees with a causal forward: {err}"
+        if args.no_cache_ar:
+            err_nc = check_cache(ar, context[:1], scfg(100), device, kv_cache=False)
+            assert err_nc < 1e-4, f"AR no-cache decode disagrees with a causal forward: {err_nc}"
         run_ours(2), run_ar()  # warm-up (allocator, first-call dispatch)
         fns = {f"ours{s}": (lambda s=s: run_ours(s)) for s in args.steps}
         secs = timed({"ar": run_ar, **fns}, args.repeats, sync)
+        if args.no_cache_ar:  # minutes per batch: timed once, after the others
+            secs.update(timed({"ar_nc": run_ar_nc}, 1, sync))
     n_ours, n_core, n_ar = param_counts(ours, ar)
     ips = {k: args.batch / v for k, v in secs.items()}
     print(header)
@@ -253,12 +270,18 @@ def main():
           f"({'batched [cond; uncond] both sides' if guided else 'off both sides'}), best of {args.repeats}")
     print(f"params: ours {n_ours / 1e6:.3f}M ({n_core / 1e6:.3f}M without AdaLN timestep tables), "
           f"AR {n_ar / 1e6:.3f}M → AR/ours-without-AdaLN {n_ar / n_core:.3f}, AR/ours {n_ar / n_ours:.3f}")
-    print(f"AR KV-cache check: max |Δ log p| vs causal forward = {err:.2e}")
-    print(f"{'sampler':<34}{'s/batch':>10}{'img/s':>10}{'ours/AR':>10}")
+    print(f"AR KV-cache check: max |Δ log p| vs causal forward = {err:.2e}"
+          + (f"; no-cache decode {err_nc:.2e}" if args.no_cache_ar else ""))
+    nc_col = f"{'ours/AR-no-cache':>18}" if "ar_nc" in secs else ""
+    print(f"{'sampler':<34}{'s/batch':>10}{'img/s':>10}{'ours/AR':>10}{nc_col}")
     print(f"{f'AR, KV cache, {ours.num_tokens} steps':<34}{secs['ar']:>10.2f}{ips['ar']:>10.3f}{1.0:>10.2f}")
+    if "ar_nc" in secs:
+        rel = ips["ar_nc"] / ips["ar"]
+        print(f"{f'AR, no cache, {ours.num_tokens} steps':<34}{secs['ar_nc']:>10.2f}{ips['ar_nc']:>10.3f}{rel:>10.2f}")
     for s in args.steps:
         k = f"ours{s}"
-        print(f"{f'VQ-Diffusion, {s} steps':<34}{secs[k]:>10.2f}{ips[k]:>10.3f}{ips[k] / ips['ar']:>10.2f}")
+        vs_nc = f"{ips[k] / ips['ar_nc']:>18.2f}" if "ar_nc" in secs else ""
+        print(f"{f'VQ-Diffusion, {s} steps':<34}{secs[k]:>10.2f}{ips[k]:>10.3f}{ips[k] / ips['ar']:>10.2f}{vs_nc}")
     print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
