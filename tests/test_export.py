@@ -85,7 +85,15 @@ def test_import_back_is_identity(exported):
     assert (cfg.num_classes, cfg.height, cfg.context_dim, cfg.num_timesteps) == (K, GRID, 64, T)
 
 
-def test_cli_round_trip(exported, tmp_path):
+def _save_text_tower(exported, run_dir):
+    """What training writes next to config.yaml when text.pretrained is unset."""
+    from safetensors.torch import save_file
+    from vqd_scale.train.checkpoint import TEXT_FILE
+    save_file({k: v.contiguous() for k, v in exported["text"].state_dict().items()}, str(run_dir / TEXT_FILE))
+    return run_dir / TEXT_FILE
+
+
+def test_cli_round_trip(exported, tmp_path, capsys):
     """vqd-export import (diffusers dir) → weights + yaml; to-diffusers from those → same transformer."""
     from omegaconf import OmegaConf
     from safetensors.torch import load_file
@@ -102,11 +110,16 @@ def test_cli_round_trip(exported, tmp_path):
     save_config(run, tmp_path / "config.yaml")
     tok_dir = exported["image_tok"].save(tmp_path / "tok")
     out = tmp_path / "pipe2"
-    assert main(["to-diffusers", "--weights", str(w), "--config", str(tmp_path / "config.yaml"),
-                 "--image-tokenizer", str(tok_dir), "--out", str(out)]) == 0
-    a = load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors"))
-    b = load_file(str(exported["out"] / "transformer" / "diffusion_pytorch_model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    args = ["to-diffusers", "--weights", str(w), "--config", str(tmp_path / "config.yaml"),
+            "--image-tokenizer", str(tok_dir), "--out", str(out)]
+    assert main(args) == 2  # the run's random-init text tower is not next to its config: refused, not redrawn
+    assert "text.pretrained is unset" in capsys.readouterr().err
+    _save_text_tower(exported, tmp_path)
+    assert main(args) == 0
+    for part in ("transformer", "text_encoder"):  # the trained weights and the run's own text tower
+        a = load_file(str(next((out / part).glob("*.safetensors"))))
+        b = load_file(str(next((exported["out"] / part).glob("*.safetensors"))))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
     assert main(["to-diffusers", "--weights", str(w), "--image-tokenizer", str(tok_dir), "--out", str(out)]) != 0
 
 
@@ -121,10 +134,15 @@ def test_sample_cli_writes_pngs(exported, tmp_path):
     save_config(run, tmp_path / "config.yaml")
     save_file(exported["model"].state_dict(), str(tmp_path / "w.safetensors"))
     tok_dir = exported["image_tok"].save(tmp_path / "tok")
+    _save_text_tower(exported, tmp_path)
     args = ["--weights", str(tmp_path / "w.safetensors"), "--config", str(tmp_path / "config.yaml"),
             "--image-tokenizer", str(tok_dir), "--prompt", "a cat", "--prompt", "a dog", "--steps", "3",
             "--guidance", "2", "--batch", "1", "--out", str(tmp_path / "s"), "--device", "cpu"]
     assert main(args) == 0
     assert Image.open(tmp_path / "s" / "00001.png").size == (8, 8)
-    assert (tmp_path / "s" / "grid.png").exists()
+    assert Image.open(tmp_path / "s" / "grid.png").size == (2 * (8 + 2) + 2, 8 + 2 + 2)  # 2 tiles, 2 px gutters
+    # same seed: the same images (which also needs the run's text tower, not a freshly drawn one)
+    assert main(args[:-4] + ["--out", str(tmp_path / "again"), "--device", "cpu"]) == 0
+    pixels = lambda d: [np.asarray(Image.open(tmp_path / d / f"{i:05d}.png")) for i in range(2)]
+    assert all(np.array_equal(x, y) for x, y in zip(pixels("s"), pixels("again")))
     assert main(args[:6] + ["--out", str(tmp_path / "s2")]) == 2  # no prompts: clear error, exit 2

@@ -37,23 +37,21 @@ def sample_and_score(run_dir: Path, tok_dir: Path, captions: list[str], real: np
     """Generate one image per caption from the newest checkpoint (EMA weights), save a grid, score it."""
     import torch
     from PIL import Image
-    from safetensors.torch import load_file
 
+    from vqd_scale.cli import text_encoder_for
     from vqd_scale.config import SamplerConfig, load_config
     from vqd_scale.data.synthetic import attribute_accuracy
     from vqd_scale.diffusion.discrete import MaskAndReplace
     from vqd_scale.generate import generate
-    from vqd_scale.models.text import FrozenCLIPTextEncoder
     from vqd_scale.models.transformer import VQDiffusionTransformer
     from vqd_scale.models.vqvae import ImageTokenizer
-    from vqd_scale.train.checkpoint import TEXT_FILE, list_complete, load_weights
+    from vqd_scale.train.checkpoint import list_complete, load_weights
 
     cfg = load_config(run_dir / "config.yaml")
     step, ckpt = list_complete(run_dir)[-1]
     model = VQDiffusionTransformer(cfg.model)
     model.load_state_dict(load_weights(ckpt, "ema"))
-    text = FrozenCLIPTextEncoder(cfg.text)
-    text.load_state_dict(load_file(str(run_dir / TEXT_FILE)))  # the run's random-init tower
+    text = text_encoder_for(cfg.text, run_dir / "config.yaml")  # the run's random-init tower
     diffusion = MaskAndReplace(cfg.diffusion, cfg.model.num_classes)
     tok = ImageTokenizer.load(tok_dir)
     gen = torch.Generator().manual_seed(0)

@@ -19,3 +19,24 @@ def weights_and_config(checkpoint: Optional[str], weights: Optional[str], config
     if not config:
         raise ValueError("--weights needs --config (the run's config.yaml)")
     return load_file(weights), Path(config)
+
+
+def text_encoder_for(text_cfg, config: Path, device: str = "cpu"):
+    """The run's frozen text tower: `text.pretrained` weights, else the random-init tower training saved.
+
+    Without `text.pretrained`, training draws the tower at random and writes it next to the run's
+    config.yaml; a freshly drawn one would condition the model on different features, so it is refused.
+    """
+    from safetensors.torch import load_file
+
+    from vqd_scale.models.text import FrozenCLIPTextEncoder
+    from vqd_scale.train.checkpoint import TEXT_FILE
+    text = FrozenCLIPTextEncoder(text_cfg)
+    if not text_cfg.pretrained:
+        path = Path(config).parent / TEXT_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"text.pretrained is unset and {path} is missing: the model was trained with a "
+                                    f"random-init text tower saved there; copy {TEXT_FILE} from the run directory "
+                                    "next to the config, or set text.pretrained")
+        text.load_state_dict(load_file(str(path)))
+    return text.to(device).eval()

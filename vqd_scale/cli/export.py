@@ -33,14 +33,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _to_diffusers(a) -> Path:
-    from vqd_scale.cli import weights_and_config
+    from vqd_scale.cli import text_encoder_for, weights_and_config
     from vqd_scale.config import load_config
     from vqd_scale.interop.pipeline import export_pipeline
-    from vqd_scale.models.text import FrozenCLIPTextEncoder
     from vqd_scale.models.vqvae import ImageTokenizer
     sd, config = weights_and_config(a.checkpoint, a.weights, a.config, which=a.which)
     cfg = load_config(config)
-    text = FrozenCLIPTextEncoder(cfg.text)
+    text = text_encoder_for(cfg.text, config)
     out = export_pipeline(a.out, sd, cfg.model, cfg.diffusion, text, ImageTokenizer.load(a.image_tokenizer))
     print(f"wrote {out} (load with diffusers.VQDiffusionPipeline.from_pretrained)")
     return out

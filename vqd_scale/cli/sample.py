@@ -34,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_model(a):
-    """(RunConfig, transformer on device) from --checkpoint or --weights/--config."""
+    """(RunConfig, transformer on device, config path) from --checkpoint or --weights/--config."""
     from vqd_scale.cli import weights_and_config
     from vqd_scale.config import load_config
     from vqd_scale.interop.pipeline import with_num_classes
@@ -44,7 +44,7 @@ def load_model(a):
     cfg.model = with_num_classes(cfg.model, sd)
     model = VQDiffusionTransformer(cfg.model)
     model.load_state_dict(sd, strict=True)
-    return cfg, model.to(a.device).eval()
+    return cfg, model.to(a.device).eval(), config
 
 
 def main(argv=None) -> int:
@@ -60,24 +60,23 @@ def main(argv=None) -> int:
         return 2
     from tqdm import tqdm
 
-    from vqd_scale.compat import import_open_clip
-    import_open_clip()  # makes torchvision importable on CPU torch
-    from torchvision.utils import make_grid, save_image
+    from PIL import Image
 
     from vqd_scale.config import SamplerConfig
     from vqd_scale.diffusion.discrete import MaskAndReplace
+    from vqd_scale.eval.plots import save_grid, to_uint8
     from vqd_scale.generate import generate
-    from vqd_scale.models.text import FrozenCLIPTextEncoder
+    from vqd_scale.cli import text_encoder_for
     from vqd_scale.models.vqvae import ImageTokenizer
     try:
-        cfg, model = load_model(a)
+        cfg, model, config = load_model(a)
+        text = text_encoder_for(cfg.text, config, a.device)
         image_tok = ImageTokenizer.load(a.image_tokenizer, device=a.device)
         if image_tok.num_classes != model.num_classes:
             raise ValueError(f"image tokenizer has K={image_tok.num_classes}, the model {model.num_classes}")
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"vqd-sample: {e}", file=sys.stderr)
         return 2
-    text = FrozenCLIPTextEncoder(cfg.text).to(a.device)
     diffusion = MaskAndReplace(cfg.diffusion, model.num_classes)
     scfg = SamplerConfig(steps=a.steps, guidance_scale=a.guidance, truncation_rate=a.truncation,
                          purity=a.purity, purity_temperature=a.purity_temperature, batch_size=a.batch)
@@ -89,12 +88,11 @@ def main(argv=None) -> int:
     for i in tqdm(range(0, len(prompts), a.batch), desc="batches"):
         chunk = prompts[i:i + a.batch]
         ids = generate(model, text, diffusion, text.tokenize(chunk), scfg, gen, autocast_dtype=amp)
-        imgs = (image_tok.decode(ids.view(-1, model.cfg.height, model.cfg.width)).float().cpu() + 1) / 2
-        for j, img in enumerate(imgs):
-            save_image(img, out / f"{i + j:05d}.png")
+        imgs = image_tok.decode(ids.view(-1, model.cfg.height, model.cfg.width)).float().cpu()  # [b,3,H,W] in [-1,1]
+        for j, img in enumerate(to_uint8(imgs)):
+            Image.fromarray(img).save(out / f"{i + j:05d}.png")
         images.append(imgs)
-    grid = make_grid(torch.cat(images), nrow=min(8, len(prompts)))
-    save_image(grid, out / "grid.png")
+    save_grid(torch.cat(images), out / "grid.png")
     (out / "prompts.txt").write_text("\n".join(prompts) + "\n")
     print(f"wrote {len(prompts)} images and grid.png to {out} ({dataclasses.asdict(scfg)})")
     return 0
