@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from vqd_scale.compat import import_open_clip
 from vqd_scale.models.vqvae import ImageTokenizer, KMeansTokenizer, VQModelTokenizer
@@ -111,6 +112,13 @@ def test_kmeans_tokenizer_is_recognisable(tmp_path):
     # a tokenizer that ignored its input would score near chance
     blank = tok.decode(tok.encode(torch.flip(x, dims=[0])))
     assert attribute_accuracy([c for _, c, _ in samples], blank)["all"] < 0.5
+    # an all-background patch decodes flat (within 2 grey levels), not with a dot left by the rarer edge
+    # patches that share its cluster
+    bg = x[:, :, :1, :1]  # [N,3,1,1], the corner colour
+    other = ((x - bg).abs().amax(1, keepdim=True) > 1e-6).float()  # [N,1,R,R] pixels that are not background
+    flat = F.max_pool2d(other, 4) == 0  # [N,1,8,8] token patches with no such pixel
+    err = F.max_pool2d((recon - bg).abs().amax(1, keepdim=True), 4)  # [N,1,8,8] worst pixel per patch
+    assert flat.float().mean() > 0.5 and err[flat].max() < 2 / 127.5, err[flat].max()
     tok.save(tmp_path / "km")
     again = ImageTokenizer.load(tmp_path / "km")
     assert again.tokenizer_id == tok.tokenizer_id and torch.equal(again.encode(x), tok.encode(x))

@@ -262,12 +262,18 @@ class KMeansTokenizer(ImageTokenizer):
 
         patches = _patchify(images.float(), patch).reshape(-1, 3 * patch * patch).numpy()  # [N*h*w, 3p²]
         # drop near-duplicates (flat background dominates): otherwise most centroids sit on one colour
-        patches = np.unique(np.round(patches * 32) / 32, axis=0)
+        patches, counts = np.unique(np.round(patches * 32) / 32, axis=0, return_counts=True)
         if len(patches) < num_codes:
             raise ValueError(f"{len(patches)} patches cannot fit {num_codes} codes; give more images")
         km = MiniBatchKMeans(n_clusters=num_codes, random_state=seed, batch_size=batch_size, n_init=3,
                              max_iter=100).fit(patches)
-        tok = cls(torch.from_numpy(km.cluster_centers_).float(), patch, name=name)
+        # Then each centroid = the count-weighted mean of its members: unweighted, the single background
+        # patch shares a cluster with rarer "background + an edge pixel" patches and decodes with a dot.
+        sums = np.zeros_like(km.cluster_centers_)
+        np.add.at(sums, km.labels_, patches * counts[:, None])
+        weight = np.bincount(km.labels_, weights=counts, minlength=num_codes)[:, None]
+        centers = np.where(weight > 0, sums / np.maximum(weight, 1), km.cluster_centers_)
+        tok = cls(torch.from_numpy(centers).float(), patch, name=name)
         return tok.fit_pruning_map(tok.encode_full(images))
 
     @classmethod
