@@ -62,11 +62,11 @@ def main(argv=None) -> int:
 
     from PIL import Image
 
+    from vqd_scale.cli import text_encoder_for
     from vqd_scale.config import SamplerConfig
     from vqd_scale.diffusion.discrete import MaskAndReplace
     from vqd_scale.eval.plots import save_grid, to_uint8
     from vqd_scale.generate import generate
-    from vqd_scale.cli import text_encoder_for
     from vqd_scale.models.vqvae import ImageTokenizer
     try:
         cfg, model, config = load_model(a)
