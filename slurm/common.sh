@@ -37,12 +37,13 @@ vqd_device() {
 }
 
 # MASTER_ADDR = first host of the allocation; MASTER_PORT derived from the job id so two jobs
-# sharing a node don't collide, and a requeued job (same id) reuses its port.
+# sharing a node don't collide, and a requeued job (same id) reuses its port. Kept below the
+# ephemeral range (32768+); the same formula as vqd_scale.train.distributed.slurm_job_port.
 vqd_rendezvous() {
     if [[ -z "${MASTER_ADDR:-}" ]]; then
         MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
     fi
-    MASTER_PORT="${MASTER_PORT:-$(( 20000 + ${SLURM_JOB_ID:-0} % 20000 ))}"
+    MASTER_PORT="${MASTER_PORT:-$(( 20000 + ${SLURM_JOB_ID:-0} % 12000 ))}"
     export MASTER_ADDR MASTER_PORT
 }
 

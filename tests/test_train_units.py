@@ -13,7 +13,7 @@ from torch import nn
 
 from vqd_scale.config import DeepSpeedConfig, OptimConfig
 from vqd_scale.train import checkpoint as C
-from vqd_scale.train.distributed import DEFAULT_PORT, detect_env
+from vqd_scale.train.distributed import DEFAULT_PORT, detect_env, slurm_job_port
 from vqd_scale.train.ema import EMA
 from vqd_scale.train.engine import ds_config, param_groups, resolve_precision
 from vqd_scale.train.lr_schedule import lr_at
@@ -31,7 +31,14 @@ def test_env_torchrun_slurm_and_single():
     sl = detect_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
                      "SLURM_JOB_NODELIST": "gpu-a17", "SLURM_JOB_ID": "123"})
     assert (sl.rank, sl.local_rank, sl.world_size, sl.master_addr, sl.launcher) == (5, 1, 8, "gpu-a17", "slurm")
-    assert sl.master_port == 29500 + 123
+    assert sl.master_port == 20000 + 123
+    for job in (0, 11999, 12000, 987654):  # below the ephemeral ports, and what slurm/common.sh exports
+        port = detect_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_ID": str(job)}).master_port
+        assert 20000 <= port < 32768 and port == slurm_job_port(job)
+        sh = subprocess.run(["bash", "-c", f"source {REPO}/slurm/common.sh; SLURM_JOB_ID={job} MASTER_ADDR=h "
+                             "vqd_rendezvous; echo $MASTER_PORT"], capture_output=True, text=True, check=True,
+                            env={k: v for k, v in os.environ.items() if k != "MASTER_PORT"})
+        assert int(sh.stdout) == port, (job, sh.stdout, sh.stderr)
     # torchrun inside srun: torchrun's variables describe the worker processes.
     both = detect_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "RANK": "1", "WORLD_SIZE": "2"})
     assert (both.rank, both.world_size, both.launcher) == (1, 2, "torchrun")

@@ -18,6 +18,14 @@ import torch
 import torch.distributed as dist
 
 DEFAULT_PORT = 29500
+# SLURM jobs without MASTER_PORT: a port per job id, below Linux's default ephemeral range (32768+), so
+# an outgoing connection never holds it; slurm/common.sh derives the same one.
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 12000
+
+
+def slurm_job_port(job_id: int) -> int:
+    """The rendezvous port of SLURM job `job_id` (same on every node; a requeued job keeps it)."""
+    return SLURM_PORT_BASE + job_id % SLURM_PORT_SPAN
 
 
 @dataclass(frozen=True)
@@ -92,7 +100,8 @@ def detect_env(env: Optional[Mapping[str, str]] = None) -> DistEnv:
         return DistEnv(master_addr=addr, master_port=port)
     # A fixed per-job port lets several jobs share a node (SLURM) without colliding; ranks on other
     # nodes must compute the same port, so no free-port search here.
-    default_port = DEFAULT_PORT + (int(env["SLURM_JOB_ID"]) % 10000 if env.get("SLURM_JOB_ID", "").isdigit() else 0)
+    job = env.get("SLURM_JOB_ID", "")
+    default_port = slurm_job_port(int(job)) if job.isdigit() else DEFAULT_PORT
     port = _port(env) if env.get("MASTER_PORT") else default_port
     if not (0 <= rank < world):
         raise ValueError(f"rank {rank} is outside world size {world}; check the launcher's environment")
