@@ -1,6 +1,7 @@
 """Thin entry points (vqd-train, vqd-extract, vqd-eval, vqd-sample, vqd-export) and what they share."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Optional
 
@@ -21,6 +22,17 @@ def weights_and_config(checkpoint: Optional[str], weights: Optional[str], config
     return load_file(weights), Path(config)
 
 
+class _DropMessage(logging.Filter):
+    """Drops log records whose message contains `needle`."""
+
+    def __init__(self, needle: str):
+        super().__init__()
+        self.needle = needle
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.needle not in record.getMessage()
+
+
 def text_encoder_for(text_cfg, config: Path, device: str = "cpu"):
     """The run's frozen text tower: `text.pretrained` weights, else the random-init tower training saved.
 
@@ -31,12 +43,18 @@ def text_encoder_for(text_cfg, config: Path, device: str = "cpu"):
 
     from vqd_scale.models.text import FrozenCLIPTextEncoder
     from vqd_scale.train.checkpoint import TEXT_FILE
-    text = FrozenCLIPTextEncoder(text_cfg)
-    if not text_cfg.pretrained:
-        path = Path(config).parent / TEXT_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"text.pretrained is unset and {path} is missing: the model was trained with a "
-                                    f"random-init text tower saved there; copy {TEXT_FILE} from the run directory "
-                                    "next to the config, or set text.pretrained")
-        text.load_state_dict(load_file(str(path)))
+    if text_cfg.pretrained:
+        return FrozenCLIPTextEncoder(text_cfg).to(device).eval()
+    path = Path(config).parent / TEXT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"text.pretrained is unset and {path} is missing: the model was trained with a "
+                                f"random-init text tower saved there; copy {TEXT_FILE} from the run directory "
+                                "next to the config, or set text.pretrained")
+    quiet = _DropMessage("No pretrained weights loaded")  # open_clip's "initialized randomly": not so here
+    logging.getLogger().addFilter(quiet)
+    try:
+        text = FrozenCLIPTextEncoder(text_cfg)
+    finally:
+        logging.getLogger().removeFilter(quiet)
+    text.load_state_dict(load_file(str(path)))
     return text.to(device).eval()
