@@ -262,7 +262,8 @@ def _loop(cfg, env, device, task, engine, ema, loader, state, logger, stop, run_
                 print(f"checkpoint {path}", flush=True)
         if stop_now:
             if env.is_main:
-                print(f"preemption signal {stop.signum}: checkpoint written at step {state.step}; exiting "
+                who = f"signal {stop.signum}" if stop.raised else "a signal on another rank"
+                print(f"preemption ({who}): checkpoint written at step {state.step}; exiting "
                       f"with code {EXIT_PREEMPTED} for requeue", flush=True)
             return EXIT_PREEMPTED
     if env.is_main:
