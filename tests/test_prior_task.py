@@ -143,3 +143,22 @@ def test_clear_errors(text_encoder, clusters):
         task.loss(task.module, batch | {"image_emb": torch.zeros(4, E + 1)}, torch.Generator())
     # the unshifted baseline needs no clusters
     assert _task(text_encoder, None, shifted=False).module is not None
+
+
+def test_text_dropout_is_drawn_once(text_encoder, clusters):
+    """The loader draws the CFG dropout at shifted.text_dropout; the task must not drop again on top."""
+    task = _task(text_encoder, clusters, text_dropout=0.5)
+    seen = []
+    hook = task.module.register_forward_pre_hook(lambda mod, args: seen.append(args[5].clone()))
+    batch = _batch(text_encoder)
+    for seed in range(8):  # all kept by the loader: none may be dropped (was ~1 − 0.5⁸ likely to drop one)
+        task.loss(task.module, batch, torch.Generator().manual_seed(seed))
+    batch["drop_text"] = torch.tensor([True, False, True, False])
+    task.loss(task.module, batch, torch.Generator().manual_seed(0))
+    no_loader_drop = {k: v for k, v in batch.items() if k != "drop_text"}
+    drawn = torch.stack([task.loss(task.module, no_loader_drop, torch.Generator().manual_seed(s)) and seen[-1]
+                         for s in range(50)]).float().mean()
+    hook.remove()
+    assert not torch.stack(seen[:8]).any()
+    assert seen[8].tolist() == [True, False, True, False]
+    assert 0.35 < drawn < 0.65  # without the loader's flags the task draws at text_dropout itself

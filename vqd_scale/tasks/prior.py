@@ -99,10 +99,12 @@ class PriorTask:
         B = z0.shape[0]
         t = self.diffusion.sample_t(B, self.device, generator)
         noise = torch.randn(z0.shape, generator=generator, device=self.device)
-        # own CFG dropout (shifted.text_dropout) on top of the loader's drop_text, drawn from the step generator
-        drop = torch.rand(B, generator=generator, device=self.device) < self.shifted_cfg.text_dropout
+        # CFG dropout: the loader already drew it at shifted.text_dropout (train/loop.py), so drawing again
+        # here would drop 1 − (1 − p)² of the captions; only a batch without drop_text gets its own draw
         if "drop_text" in batch:
-            drop = drop | batch["drop_text"].to(self.device).bool()
+            drop = batch["drop_text"].to(self.device).bool()
+        else:
+            drop = torch.rand(B, generator=generator, device=self.device) < self.shifted_cfg.text_dropout
         aux_noise = None
         if self.shifted_cfg.learnable_mixture:
             aux_noise = torch.randn((self.shifted_cfg.num_aux_draws, *z0.shape), generator=generator, device=self.device)
