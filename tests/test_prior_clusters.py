@@ -92,3 +92,11 @@ def test_clear_errors(tmp_path, truth):
     with pytest.raises(FileNotFoundError, match="fit_prior_clusters"):
         load_clusters(tmp_path / "missing.safetensors")
 
+
+
+def test_max_samples_zero_is_refused_by_name(tmp_path, truth, capsys):
+    shards = _write_shards(tmp_path, truth[3][:20], per_shard=20)
+    with pytest.raises(SystemExit):
+        fit_prior_clusters.main(["--shards", shards, "--k", "2", "--max-samples", "0",
+                                 "--out", str(tmp_path / "x.safetensors")])
+    assert "--max-samples" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()

@@ -27,6 +27,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if not a.out.endswith(".safetensors"):
         ap.error("--out must end in .safetensors")
+    if a.max_samples is not None and a.max_samples < 1:  # 0 embeddings left k-means unfitted (AttributeError)
+        ap.error(f"--max-samples={a.max_samples}: must be >= 1 (leave it out to use every embedding)")
     chunk = max(a.chunk, 3 * a.k)
     clusters = fit_clusters(lambda: iter_image_embeddings(a.shards, chunk), a.k, a.seed, a.max_samples)
     meta = {"shards": a.shards, "seed": a.seed, "num_samples": int(clusters["counts"].sum()), **manifest_identity(a.manifest)}
