@@ -17,7 +17,8 @@ from vqd_scale.tasks import build_task
 N, E = 7, 32
 
 
-def test_prior_run_evaluated_with_chunk_weighted_cosines(tmp_path, monkeypatch):
+def _prior_run(tmp_path):
+    """A task=prior run dir with one complete checkpoint (step 5) and N held-out pairs; (run, cfg, tokens, img_emb)."""
     import webdataset as wds
     g = torch.Generator().manual_seed(0)
     save_clusters(tmp_path / "clusters.safetensors", {"means": F.normalize(torch.randn(2, E, generator=g), dim=-1),
@@ -42,6 +43,11 @@ def test_prior_run_evaluated_with_chunk_weighted_cosines(tmp_path, monkeypatch):
     save_config(cfg, run / "config.yaml")
     save_file({k: v.contiguous() for k, v in task.module.state_dict().items()}, str(d / "ema.safetensors"))
     (d / "complete.json").write_text(json.dumps({"step": 5, "samples_seen": 40, "model": task.model_config}))
+    return run, cfg, tokens, img_emb
+
+
+def test_prior_run_evaluated_with_chunk_weighted_cosines(tmp_path, monkeypatch):
+    run, cfg, tokens, img_emb = _prior_run(tmp_path)
     monkeypatch.setattr(job, "PRIOR_BATCH", 3)  # chunks of 3 and 4 (a last chunk of 1 joins the previous)
     assert cli.main([str(run), "--once"]) == 0
     m = json.loads((run / "eval" / "5.json").read_text())["metrics"]
@@ -56,6 +62,20 @@ def test_prior_run_evaluated_with_chunk_weighted_cosines(tmp_path, monkeypatch):
     expect = F.cosine_similarity(text_emb, torch.from_numpy(img_emb).float().half().float(), dim=-1).mean().item()
     assert m["prior/sim_text_image@2"] == pytest.approx(expect, abs=1e-5)
     assert (run / "eval" / "curves.png").exists() and not (run / "eval" / "5.png").exists()
+
+
+def test_mixture_comes_from_the_checkpoint_not_the_clusters_file(tmp_path):
+    """The checkpoint carries the mixture: eval works with the clusters file gone or refit for another run."""
+    run, cfg, _, _ = _prior_run(tmp_path)
+    assert cli.main([str(run), "--once"]) == 0
+    before = json.loads((run / "eval" / "5.json").read_text())["metrics"]
+    (tmp_path / "clusters.safetensors").unlink()
+    assert cli.main([str(run), "--step", "5", "--force"]) == 0
+    assert json.loads((run / "eval" / "5.json").read_text())["metrics"] == before
+    save_clusters(tmp_path / "clusters.safetensors", {"means": torch.randn(3, E), "stds": torch.ones(3, E),
+                                                     "counts": torch.tensor([1, 1, 1])}, {"shards": "refit"})
+    assert cli.main([str(run), "--step", "5", "--force"]) == 0  # k=3 now: was refused as num_components=2
+    assert json.loads((run / "eval" / "5.json").read_text())["metrics"] == before
 
 
 @pytest.mark.parametrize("n,size,world", [(7, 3, 1), (7, 3, 2), (10, 4, 3), (2, 256, 4), (9, 2, 2)])

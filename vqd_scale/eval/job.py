@@ -117,9 +117,14 @@ class Evaluator:
         self.cfg, self.run_dir, self.r = cfg, Path(run_dir), ranks or Ranks()
         e = cfg.eval
         self.heldout: HeldOut = read_heldout(e.shards, e.num_samples)
+        build_cfg = cfg
+        if cfg.task == "prior":
+            # The checkpoint carries the mixture (frozen parameters, required by _load): the clusters file
+            # may be gone or refit since training, so it is not read; sampling uses cfg.shifted as trained.
+            build_cfg = dataclasses.replace(cfg, shifted=dataclasses.replace(cfg.shifted, clusters=None, shifted=False))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)  # as vqd-train builds it: a random-init text tower comes out the same
-            self.task = build_task(cfg, self.r.device)
+            self.task = build_task(build_cfg, self.r.device)
         self._load_text_tower()
         self.task.module.to(self.r.device).eval().requires_grad_(False)
         self.tokenizer = self.clip = self.features = None
