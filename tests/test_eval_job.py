@@ -135,6 +135,31 @@ def test_vqd_eval_end_to_end(run_dir):
     assert not (ev / "40.json").exists() and not (ev / "40.lock").exists()
 
 
+def test_reference_cache_keyed_by_content_not_only_keys(run_dir, tmp_path):
+    """Another held-out set reusing the record keys must not get the cached statistics of the first."""
+    import shutil
+
+    import webdataset as wds
+    from vqd_scale.models.vqvae import ImageTokenizer
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("eval"))
+    cfg = load_config(run / "config.yaml")
+    assert cli.main([str(run), "--step", "10", "logging.wandb_mode=disabled"]) == 0
+    h = read_heldout(cfg.eval.shards, N)
+    tok = ImageTokenizer.load(cfg.eval.tokenizer)
+    ids = tok.encode(synthetic_images(N, RES, seed=7)).numpy()  # other images, the same keys and captions
+    with wds.TarWriter(str(tmp_path / "other.tar"), encoder=False) as sink:
+        for i in range(N):
+            sink.write(schema.encode_record(h.keys[i], ids[i], h.text_tokens[i].numpy(), h.captions[i],
+                                            {"tokenizer_id": tok.tokenizer_id}))
+    assert cli.main([str(run), "--step", "20", "logging.wandb_mode=disabled", f"eval.shards={tmp_path}/other.tar"]) == 0
+    assert len(list((run / "eval").glob("reference_*.npz"))) == 2
+    clip = M.ClipFeatures("tiny", None)
+    real = clip(tok.decode(torch.from_numpy(ids).long()))
+    mu, _ = M.gaussian_stats(real)
+    assert any(np.allclose(M.load_stats(p)[0], mu) for p in (run / "eval").glob("reference_*.npz"))
+
+
 def test_cli_refusals(run_dir, tmp_path, capsys):
     assert cli.main([str(tmp_path)]) == 2
     assert "config.yaml not found" in capsys.readouterr().err

@@ -256,13 +256,16 @@ class Evaluator:
 
     def _reference(self) -> tuple:
         """Real-image statistics: eval.reference_stats, else the decoded held-out tokens' — computed once
-        and cached as eval/reference_<hash>.npz (keyed by records, extractor and tokenizer) for restarts."""
+        and cached as eval/reference_<hash>.npz (keyed by the records and their tokens, extractor and tokenizer) for restarts."""
         if self._ref is None:
             e, h = self.cfg.eval, self.heldout
             if e.reference_stats:
                 self._ref = M.load_stats(e.reference_stats)
                 return self._ref
-            key = json.dumps([h.keys, e.feature_extractor, e.clip_model, e.clip_weights, e.feature_weights,
+            # the tokens' content, not only their keys: another held-out set can reuse keys (img2dataset's
+            # 000000000, … restart per download) and would silently get this set's statistics
+            content = hashlib.sha1(h.image_tokens.numpy().tobytes()).hexdigest()
+            key = json.dumps([h.keys, content, e.feature_extractor, e.clip_model, e.clip_weights, e.feature_weights,
                               self.tokenizer.tokenizer_id])
             cache = self.run_dir / EVAL_DIR / f"reference_{hashlib.sha1(key.encode()).hexdigest()[:12]}.npz"
             if self.r.decide(cache.exists):  # every rank must agree: computing it is collective
