@@ -85,3 +85,24 @@ def test_chunk_layout_covers_every_sample_once(n, size, world):
     idx = sorted(i for chunks in per_rank for _, c in chunks for i in c)
     assert idx == list(range(n)) and ids == list(range(len(ids)))
     assert all(len(c) >= 2 for chunks in per_rank for _, c in chunks)  # batch statistics need two
+
+
+def test_heldout_embeddings_of_another_clip_are_refused(tmp_path):
+    """Cosines against embeddings of another CLIP model are meaningless: refused by width or manifest name."""
+    import webdataset as wds
+    run, cfg, tokens, _ = _prior_run(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    with wds.TarWriter(str(other / "held.tar"), encoder=False) as sink:
+        for i in range(N):
+            sink.write(schema.encode_record(f"{i:04d}", np.zeros((2, 2)), tokens[i], "x", {},
+                                            image_emb=np.ones(E // 2, np.float32)))
+    with pytest.raises(ValueError, match="16-d image embeddings but prior.embed_dim=32"):
+        cli.main([str(run), "--once", f"eval.shards={other}/held.tar"])
+    for d, model in ((tmp_path, "ViT-B-32"), (tmp_path / "train", "ViT-L-14")):
+        d.mkdir(exist_ok=True)
+        (d / "manifest.json").write_text(json.dumps({"format": schema.FORMAT, "embedding_model": {"model": model}}))
+    with pytest.raises(ValueError, match="trained on ViT-L-14 embeddings.*ViT-B-32"):
+        cli.main([str(run), "--once", f"data.manifest={tmp_path}/train"])
+    assert not (run / "eval" / "5.json").exists()
+    assert cli.main([str(run), "--once", f"data.manifest={tmp_path}/manifest.json"]) == 0  # same model: evaluated

@@ -137,6 +137,8 @@ class Evaluator:
         elif self.heldout.image_emb is None:
             raise ValueError(f"task=prior eval needs CLIP image embeddings in eval.shards ({e.shards}); "
                              "extract them with --clip-model (img.emb.npy)")
+        else:
+            self._check_prior_heldout()
         (self.run_dir / EVAL_DIR).mkdir(parents=True, exist_ok=True)
 
     def _load_text_tower(self) -> None:
@@ -151,6 +153,21 @@ class Evaluator:
         else:
             log.warning("text.pretrained is unset and %s is missing: using a text tower re-initialised from "
                         "seed %d, which matches training only if it was built the same way", path, self.cfg.seed)
+
+    def _check_prior_heldout(self) -> None:
+        """Held-out embeddings must come from the CLIP model the prior was trained on (width, manifest name)."""
+        e, h, dim = self.cfg.eval, self.heldout, self.cfg.prior.embed_dim
+        for name, emb in (("image", h.image_emb), ("text", h.text_emb)):
+            if emb is not None and emb.shape[1] != dim:
+                raise ValueError(f"eval.shards hold {emb.shape[1]}-d {name} embeddings but prior.embed_dim={dim}; "
+                                 "use held-out shards extracted with the training data's --clip-model")
+        from vqd_scale.eval.heldout import expand
+        manifests = [self.cfg.data.manifest, str(Path(expand(e.shards)[0]).parent / "manifest.json")]
+        models = [(read_manifest(m).get("embedding_model") or {}).get("model") if m and Path(m).exists() else None
+                  for m in manifests]
+        if None not in models and models[0] != models[1]:
+            raise ValueError(f"the prior was trained on {models[0]} embeddings (data.manifest) but eval.shards "
+                             f"were extracted with --clip-model {models[1]}; use held-out shards of the same model")
 
     def _setup_vqd(self) -> None:
         from vqd_scale.models.vqvae import ImageTokenizer
