@@ -82,6 +82,22 @@ def test_failed_evaluation_leaves_step_pending(run_dir):
     assert _run(run_dir, _evaluator(run_dir, calls)) == [100]
 
 
+def test_checkpoint_pruned_while_evaluated_is_skipped(run_dir):
+    """Training's keep_last deletes an old checkpoint under a slow watcher: skip it, evaluate the rest."""
+    import shutil
+    for step in (100, 200):
+        make_ckpt(run_dir, step, seed=step)
+    calls, real = [], _evaluator(run_dir, [])
+
+    def pruned_first(step, path):
+        if step == 100:
+            shutil.rmtree(path)  # what checkpoint.prune does
+        calls.append(step)
+        real(step, path)  # loads the weights: fails for the deleted one
+    assert _run(run_dir, pruned_first) == [200] and calls == [100, 200]
+    assert not list((run_dir / "eval").glob("*.lock")) and W.pending(run_dir) == []
+
+
 def test_live_claim_is_respected_stale_claim_retaken(run_dir):
     make_ckpt(run_dir, 100)
     make_ckpt(run_dir, 200)

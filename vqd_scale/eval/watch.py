@@ -181,6 +181,13 @@ def run(run_dir: str | os.PathLike, evaluate: Callable[[int, Path], Any], *, wat
         step, path = action[1], Path(action[2])
         try:
             evaluate(step, path)
+        except Exception:
+            if (path / COMPLETE).is_file():
+                raise
+            # Pruned by training (checkpoint.keep_last) before or while we read it: nothing left to
+            # evaluate, and the watcher must go on to the newer checkpoints rather than die.
+            log.warning("checkpoint %s was deleted while being evaluated (checkpoint.keep_last); skipped", path)
+            continue
         finally:
             # Only the claimer removes the lock; on failure the step stays pending for the next run.
             if is_main:
