@@ -17,8 +17,8 @@ from vqd_scale.tasks import build_task
 N, E = 7, 32
 
 
-def _prior_run(tmp_path):
-    """A task=prior run dir with one complete checkpoint (step 5) and N held-out pairs; (run, cfg, tokens, img_emb)."""
+def _prior_run(tmp_path, n=N):
+    """A task=prior run dir with one complete checkpoint (step 5) and n held-out pairs; (run, cfg, tokens, img_emb)."""
     import webdataset as wds
     g = torch.Generator().manual_seed(0)
     save_clusters(tmp_path / "clusters.safetensors", {"means": F.normalize(torch.randn(2, E, generator=g), dim=-1),
@@ -26,15 +26,16 @@ def _prior_run(tmp_path):
                                                      "counts": torch.tensor([5, 5])}, {"shards": "test"})
     overrides = ["task=prior", "text.model=tiny", "prior.embed_dim=32", "prior.context_dim=64", "prior.num_components=2",
                  f"shifted.clusters={tmp_path}/clusters.safetensors", "shifted.num_timesteps=20", "shifted.sample_steps=5",
-                 f"eval.shards={tmp_path}/held.tar", f"eval.num_samples={N}", "eval.prior_steps=[2,5]",
+                 f"eval.shards={tmp_path}/held.tar", f"eval.num_samples={n}", "eval.prior_steps=[2,5]",
                  "logging.wandb_mode=disabled"]
     cfg = load_config(None, overrides)
     task = build_task(cfg, torch.device("cpu"))
-    captions = [f"a {c} {s}" for c, s in zip(["red", "blue", "green", "yellow"] * 2, ["circle", "square"] * 4)][:N]
+    captions = [f"a {c} {s}" for c, s in zip(["red", "blue", "green", "yellow"] * 2, ["circle", "square"] * 4)] * (n // 8 + 1)
+    captions = [f"{c} {i}" for i, c in enumerate(captions[:n])] if n > N else captions[:n]
     tokens = task.text.tokenize(captions).numpy()
-    img_emb = F.normalize(torch.randn(N, E, generator=g), dim=-1).numpy()
+    img_emb = F.normalize(torch.randn(n, E, generator=g), dim=-1).numpy()
     with wds.TarWriter(str(tmp_path / "held.tar"), encoder=False) as sink:
-        for i in range(N):
+        for i in range(n):
             sink.write(schema.encode_record(f"{i:04d}", np.zeros((2, 2)), tokens[i], captions[i], {},
                                             image_emb=img_emb[i]))
     run = tmp_path / "run"
@@ -106,3 +107,34 @@ def test_heldout_embeddings_of_another_clip_are_refused(tmp_path):
         cli.main([str(run), "--once", f"data.manifest={tmp_path}/train"])
     assert not (run / "eval" / "5.json").exists()
     assert cli.main([str(run), "--once", f"data.manifest={tmp_path}/manifest.json"]) == 0  # same model: evaluated
+
+
+@pytest.mark.slow
+def test_prior_two_ranks_give_the_single_process_numbers_exactly(tmp_path):
+    """3 chunks over 2 gloo ranks (rank 0: chunks 0 and 2): combined in chunk order, bit for bit as 1 process."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    run, _, _, _ = _prior_run(tmp_path, n=2 * job.PRIOR_BATCH + 40)
+    two = tmp_path / "two"
+    shutil.copytree(run, two)
+    assert cli.main([str(run), "--once"]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore",
+            "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    procs = [subprocess.Popen([sys.executable, "-m", "vqd_scale.cli.eval", str(two), "--once"],
+                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:  # a failed rank leaves the other waiting in a collective: never leak it
+        for p in procs:
+            p.kill() if p.poll() is None else None
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    one, par = (json.loads((d / "eval" / "5.json").read_text()) for d in (run, two))
+    assert par["world_size"] == 2 and par["metrics"] == one["metrics"]
