@@ -63,6 +63,11 @@ def test_prior_run_evaluated_with_chunk_weighted_cosines(tmp_path, monkeypatch):
     expect = F.cosine_similarity(text_emb, torch.from_numpy(img_emb).float().half().float(), dim=-1).mean().item()
     assert m["prior/sim_text_image@2"] == pytest.approx(expect, abs=1e-5)
     assert (run / "eval" / "curves.png").exists() and not (run / "eval" / "5.png").exists()
+    # the result names the prior sampling that made it (an eval override here), not the VQ sampler's settings
+    assert cli.main([str(run), "--step", "5", "--force", "shifted.guidance_scale=2.5"]) == 0
+    res = json.loads((run / "eval" / "5.json").read_text())
+    assert res["sampler"] == {"steps": [2, 5], "guidance_scale": 2.5, "kappa": cfg.shifted.kappa,
+                              "sample_variance": "large", "clamp_x0": False, "shifted": True}
 
 
 def test_mixture_comes_from_the_checkpoint_not_the_clusters_file(tmp_path):

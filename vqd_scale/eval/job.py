@@ -218,11 +218,19 @@ class Evaluator:
                   "checkpoint": str(ckpt_dir), "weights": which, "num_samples": len(self.heldout),
                   "world_size": self.r.world, "seconds": seconds, "autocast": str(self.autocast),
                   "time": time.time(), "metrics": metrics,
-                  "sampler": dataclasses.asdict(self.cfg.eval.sampler),
+                  "sampler": self._sampler_settings(),
                   "feature_extractor": self.cfg.eval.feature_extractor, "clip_model": self.cfg.eval.clip_model}
         if self.r.is_main:
             self._write(step, result, grid)
         return result
+
+    def _sampler_settings(self) -> dict:
+        """What made the samples (eval overrides may change it): eval.sampler, or the prior's shifted sampling."""
+        if self.cfg.task == "vqd":
+            return dataclasses.asdict(self.cfg.eval.sampler)
+        s = self.cfg.shifted
+        return {"steps": list(self.cfg.eval.prior_steps), "guidance_scale": s.guidance_scale, "kappa": s.kappa,
+                "sample_variance": s.sample_variance, "clamp_x0": s.clamp_x0, "shifted": s.shifted}
 
     def _load(self, state: dict, ckpt_dir: Path) -> None:
         """Load checkpoint weights; buffers may be absent (the EMA holds parameters only, and buffers such
