@@ -183,3 +183,14 @@ def test_clip_embeddings_match_the_text_encoder(tmp_path, tok_dir):
         assert abs(float(np.linalg.norm(img_emb.astype(np.float32))) - 1) < 1e-2
         ref = enc.embed(enc.tokenize([rec["txt"].decode()]))[0].numpy()
         np.testing.assert_allclose(txt_emb.astype(np.float32), ref, atol=2e-3)
+
+
+def test_glob_inputs_are_expanded_and_no_match_is_refused(tmp_path, tok_dir):
+    src = tmp_path / "src"
+    write_shards(src, SyntheticSpec(samples_per_shard=3, resolution=R, seed=1), shard_ids=[0, 1])
+    m = run_extract(cfg(src / "*.tar", tmp_path / "out", tok_dir))
+    assert [s["name"] for s in m["shards"]] == ["00000.tar", "00001.tar"] and m["totals"] == {"written": 6}
+    with pytest.raises(ValueError, match="check --inputs"):
+        run_extract(cfg(tmp_path / "nope" / "{00000..00003}.tar", tmp_path / "out2", tok_dir))
+    with pytest.raises(ValueError, match="no input shards"):
+        run_extract(cfg(tmp_path / "nope" / "*.tar", tmp_path / "out3", tok_dir))

@@ -6,6 +6,7 @@ marker exists and redoes half-written ones. `manifest.json` aggregates every mar
 """
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -51,7 +52,9 @@ def expand_inputs(pattern: str) -> list[str]:
     """'a/{00000..00009}.tar::b/*.tar'-style patterns → list of paths, order kept."""
     out: list[str] = []
     for part in pattern.split("::"):
-        out.extend(braceexpand.braceexpand(part.strip()))
+        for p in braceexpand.braceexpand(part.strip()):
+            # braceexpand leaves '*' alone: a glob was taken as one literal (missing) path, 0 shards, exit 0
+            out.extend(sorted(glob.glob(p)) if glob.has_magic(p) and "://" not in p else [p])
     if not out or not pattern.strip():
         raise ValueError("no input shards: pass --inputs like 'data/{00000..00099}.tar'")
     return out
@@ -187,6 +190,9 @@ def run_extract(cfg: ExtractConfig, embedder=None) -> dict:
     missing = [p for p in mine if not _exists(p)]
     for p in missing:
         log.warning("input shard %s does not exist (gap in shard numbering?); recorded in manifest", p)
+    if mine and len(missing) == len(mine):  # every input missing is a typo in --inputs, not gaps
+        raise ValueError(f"none of this task's {len(mine)} input shard(s) exists (first: {mine[0]}); "
+                         "check --inputs")
     todo = [p for p in mine if p not in missing]
     for p in tqdm(todo, desc=f"extract task {cfg.task_index}/{cfg.num_tasks}", disable=not cfg.progress):
         final = Path(cfg.out_dir) / output_name(p)
