@@ -98,3 +98,23 @@ def test_official_checkpoint_import(tmp_path):
     cfg_raw, sd_raw = load_official(path, use_ema=False, heads=2)
     assert torch.equal(sd_raw["out.weight"], raw.state_dict()["out.weight"])
     assert (cfg.num_classes, cfg.height, cfg.context_dim, cfg.num_timesteps, cfg.layers) == (30, 4, 24, 10, 2)
+
+
+def test_outdated_diffusers_config_without_norm_type_imports():
+    """Hub configs older than `norm_type` (ITHQ's) build an ada_norm model in diffusers; we must import them."""
+    m = make()
+    conf, dsd = to_diffusers(m.state_dict(), m.cfg)
+    old = {k: v for k, v in conf.items() if k != "norm_type"}
+    ref = Transformer2DModel(**old).eval()  # diffusers upgrades layer_norm + num_embeds_ada_norm to ada_norm
+    tsd, null = split_null(dsd)
+    ref.load_state_dict(tsd, strict=True)
+    assert dict(ref.config)["norm_type"] == "layer_norm"  # what an import sees in the loaded config
+    cfg2, sd2 = from_diffusers(dict(ref.config), {**ref.state_dict(), NULL_KEY: null})
+    m2 = VQDiffusionTransformerFrom(cfg2).eval()
+    m2.load_state_dict(sd2, strict=True)
+    x, ctx = torch.randint(0, 31, (2, 16)), torch.randn(2, 7, 24)
+    with torch.no_grad():
+        theirs = ref(x, encoder_hidden_states=ctx, timestep=torch.tensor(3)).sample
+        assert (m2(x, torch.full((2,), 3), ctx) - theirs).abs().max() <= 1e-4
+    with pytest.raises(ValueError, match="norm_type"):  # a genuine layer_norm model still has no mapping
+        from_diffusers({**old, "num_embeds_ada_norm": None}, {**dsd})
