@@ -194,3 +194,29 @@ def test_glob_inputs_are_expanded_and_no_match_is_refused(tmp_path, tok_dir):
         run_extract(cfg(tmp_path / "nope" / "{00000..00003}.tar", tmp_path / "out2", tok_dir))
     with pytest.raises(ValueError, match="no input shards"):
         run_extract(cfg(tmp_path / "nope" / "*.tar", tmp_path / "out3", tok_dir))
+
+
+def test_overlapping_run_keeps_a_live_writers_tmp(tmp_path, tok_dir):
+    import socket
+    import subprocess
+    import sys
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_shards(src, SyntheticSpec(num_shards=1, samples_per_shard=3, resolution=R))
+    out.mkdir()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    try:
+        (out / f"00000.tar.tmp.{host}.{live.pid}").write_bytes(b"being written by another task")
+        (out / f"00000.tar.tmp.{host}.{dead.pid}").write_bytes(b"killed run")
+        (out / "00000.tar.tmp.other-node.1").write_bytes(b"another node's run")
+        m = run_extract(cfg(src / "00000.tar", out, tok_dir))
+    finally:
+        live.kill()
+        live.wait()
+    # deleting the live tmp made the other task's os.replace fail (FileNotFoundError) at the end of its shard
+    assert (out / f"00000.tar.tmp.{host}.{live.pid}").exists() and (out / "00000.tar.tmp.other-node.1").exists()
+    assert not (out / f"00000.tar.tmp.{host}.{dead.pid}").exists()
+    assert m["totals"] == {"written": 3} and len(read_out(out / "00000.tar")) == 3

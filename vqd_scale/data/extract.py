@@ -10,6 +10,7 @@ import glob
 import json
 import logging
 import os
+import socket
 from contextlib import nullcontext
 import time
 from collections import Counter
@@ -81,7 +82,7 @@ def extract_shard(cfg: ExtractConfig, input_path: str, tokenizer, tokenize, embe
     """Tokenise one input shard into out_dir; returns (and writes) its done-marker dict."""
     out_dir = Path(cfg.out_dir)
     final = out_dir / output_name(input_path)
-    tmp = final.with_name(final.name + f".tmp{os.getpid()}")
+    tmp = final.with_name(f"{final.name}.tmp.{socket.gethostname()}.{os.getpid()}")  # owner: see _is_stale
     t0 = time.time()
     skipped: Counter = Counter()
     written = seen = 0
@@ -171,6 +172,22 @@ def _exists(p: str) -> bool:
     return "://" in p or p.startswith("pipe:") or Path(p).exists()
 
 
+def _is_stale(tmp: Path, final_name: str) -> bool:
+    """True when tmp's writer (this host's pid in its name) is dead; another live run's tmp is kept."""
+    host, _, pid = tmp.name[len(final_name) + 4:].lstrip(".").rpartition(".")
+    if host and host != socket.gethostname():
+        return False  # another node's run (overlapping SLURM tasks): its pid means nothing here
+    try:
+        os.kill(int(pid), 0)
+    except ValueError:
+        return True  # not a name we write
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return int(pid) == os.getpid()
+
+
 def run_extract(cfg: ExtractConfig, embedder=None) -> dict:
     """Extract this task's share of the inputs (skipping finished shards), then rewrite the manifest."""
     from tqdm import tqdm
@@ -198,8 +215,9 @@ def run_extract(cfg: ExtractConfig, embedder=None) -> dict:
         final = Path(cfg.out_dir) / output_name(p)
         if schema.done_marker_path(final).exists() and final.exists():
             continue  # finished by an earlier run
-        for stale in final.parent.glob(final.name + ".tmp*"):  # half-written by a killed run
-            stale.unlink()
+        for tmp in final.parent.glob(final.name + ".tmp*"):  # half-written by a killed run
+            if _is_stale(tmp, final.name):
+                tmp.unlink(missing_ok=True)
         extract_shard(cfg, p, tokenizer, tokenize, embedder)
     return write_manifest(cfg, tokenizer, inputs, getattr(embedder, "embed_dim", None),
                           getattr(embedder, "description", None))
