@@ -118,3 +118,13 @@ def test_outdated_diffusers_config_without_norm_type_imports():
         assert (m2(x, torch.full((2,), 3), ctx) - theirs).abs().max() <= 1e-4
     with pytest.raises(ValueError, match="norm_type"):  # a genuine layer_norm model still has no mapping
         from_diffusers({**old, "num_embeds_ada_norm": None}, {**dsd})
+
+
+@pytest.mark.parametrize("key,value", [("norm_eps", 1e-6), ("double_self_attention", True),
+                                       ("only_cross_attention", True), ("norm_elementwise_affine", False)])
+def test_diffusers_config_that_changes_the_math_is_refused_by_name(key, value):
+    """These build another network from the same key names: importing them would be silently wrong."""
+    m = make()
+    conf, dsd = to_diffusers(m.state_dict(), m.cfg)
+    with pytest.raises(ValueError, match=key):
+        from_diffusers({**conf, key: value}, dsd)
