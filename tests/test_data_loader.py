@@ -217,3 +217,19 @@ def test_fast_tar_reader_matches_tarfile(tmp_path, shards):
         assert errors["shard_read_error"] == 1
         # samples before the cut survive; the one being read when it fails is dropped (it may miss members)
         assert len(got) == max(n // (6 * 1024) - 1, 0) and all(len(g) == 7 for g in got)  # 6 × 1 KiB + key
+
+
+def test_data_manifest_does_not_override_another_sources_counts(tmp_path):
+    """laion_vqd_b.yaml: data.manifest is laion's; cc15m's 00000.tar must keep its own count and identity."""
+    write_random_token_shards(tmp_path / "a", 2, 8, SHAPE, K, seed=1)
+    write_random_token_shards(tmp_path / "b", 2, 3, SHAPE, K, seed=2)
+    srcs = [SourceConfig("a", str(tmp_path / "a" / "{00000..00001}.tar"), 1.0),
+            SourceConfig("b", str(tmp_path / "b" / "{00000..00001}.tar"), 1.0)]
+    loader = TokenLoader(cfg_for(tmp_path, sources=srcs, manifest=str(tmp_path / "a" / "manifest.json")))
+    assert [s.counts for s in loader.spec.sources] == [[8, 8], [3, 3]]
+    write_random_token_shards(tmp_path / "c", 2, 3, SHAPE, K, seed=3, tokenizer_id="other-000000000000")
+    srcs[1] = SourceConfig("c", str(tmp_path / "c" / "{00000..00001}.tar"), 1.0)
+    with pytest.raises(ValueError, match="tokenizer_id=other"):  # was accepted: c's manifest was never read
+        TokenLoader(cfg_for(tmp_path, sources=srcs, manifest=str(tmp_path / "a" / "manifest.json")))
+    with pytest.raises(ValueError, match="point data.manifest"):
+        TokenLoader(cfg_for(tmp_path, sources=srcs[1:], manifest=str(tmp_path / "a" / "manifest.json")))

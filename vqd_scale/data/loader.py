@@ -89,6 +89,11 @@ class TokenLoader:
                 if m.get(k) != m0.get(k):
                     raise ValueError(f"source {sc.name!r} has {k}={m.get(k)} but source {cfg.sources[0].name!r} "
                                      f"has {m0.get(k)}; extract every source with the same tokenizer and resolution")
+        named = schema.read_manifest(cfg.manifest).get("tokenizer_id") if cfg.manifest else m0.get("tokenizer_id")
+        if named != m0.get("tokenizer_id"):  # training reads K from data.manifest: it must describe these shards
+            raise ValueError(f"data.manifest {cfg.manifest} has tokenizer {named!r} "
+                             f"but the shards of source {cfg.sources[0].name!r} were extracted with "
+                             f"{m0.get('tokenizer_id')!r}; point data.manifest at the manifest.json of these shards")
         if cfg.tokenizer_id is not None and m0["tokenizer_id"] != cfg.tokenizer_id:
             raise ValueError(f"token shards were extracted with tokenizer {m0['tokenizer_id']!r} but "
                              f"data.tokenizer_id is {cfg.tokenizer_id!r}; re-extract the data with that tokenizer "
@@ -128,7 +133,10 @@ class TokenLoader:
         if not shards:
             raise FileNotFoundError(f"data source {name!r}: none of the shards of {pattern!r} exist; "
                                     f"fix data.sources[].shards")
-        mpath = self.cfg.manifest or str(Path(shards[0]).parent / schema.MANIFEST)
+        # a source's own manifest wins: data.manifest names one source's, and shard names (00000.tar)
+        # repeat across sources, so its counts would be taken for another source's shards
+        beside = Path(shards[0]).parent / schema.MANIFEST
+        mpath = str(beside) if not self.cfg.manifest or (_local(shards[0]) and beside.exists()) else self.cfg.manifest
         manifest = schema.read_manifest(mpath)
         if not manifest.get("complete", True):
             log.warning("data source %r: manifest %s lists %d input shards not extracted yet; training on the "
