@@ -128,3 +128,10 @@ def test_diffusers_config_that_changes_the_math_is_refused_by_name(key, value):
     conf, dsd = to_diffusers(m.state_dict(), m.cfg)
     with pytest.raises(ValueError, match=key):
         from_diffusers({**conf, key: value}, dsd)
+
+
+def test_null_embedding_of_another_width_is_refused_by_name():
+    m = make()
+    conf, dsd = to_diffusers(m.state_dict(), m.cfg)
+    with pytest.raises(ValueError, match="null embedding"):
+        from_diffusers(conf, {**dsd, NULL_KEY: torch.randn(7, conf["cross_attention_dim"] + 8)})

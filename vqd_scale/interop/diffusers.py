@@ -114,6 +114,10 @@ def from_diffusers(config: dict[str, Any], dsd: dict[str, torch.Tensor],
         raise ValueError(f"no learned null embedding: pass null_embedding= (the pipeline's "
                          f"learned_classifier_free_sampling_embeddings) or include {NULL_KEY!r}")
     cfg = config_from_diffusers(config, context_len=null.shape[0])
+    if null.dim() != 2 or null.shape[1] != cfg.context_dim:
+        raise ValueError(f"learned null embedding has shape {tuple(null.shape)}; the transformer's "
+                         f"cross_attention_dim={cfg.context_dim} needs [L, {cfg.context_dim}]: pass the null "
+                         "embedding of this same checkpoint")
     inv_top = {v: k for k, v in _TOP.items()}
     inv_block = {v: k for k, v in _BLOCK.items()}
     out: dict[str, torch.Tensor] = {"null_context": null}
