@@ -135,3 +135,13 @@ def test_null_embedding_of_another_width_is_refused_by_name():
     conf, dsd = to_diffusers(m.state_dict(), m.cfg)
     with pytest.raises(ValueError, match="null embedding"):
         from_diffusers(conf, {**dsd, NULL_KEY: torch.randn(7, conf["cross_attention_dim"] + 8)})
+
+
+def test_official_import_refuses_inconsistent_codebook_and_null_by_name():
+    from vqd_scale.interop.official import from_official
+    sd = _official_keys(make(seed=0).state_dict())
+    emb = "transformer.transformer.content_emb.emb.weight"
+    with pytest.raises(ValueError, match="content_emb.emb"):
+        from_official({**sd, emb: sd[emb][:-1]}, heads=2)  # a codebook pruned by another map
+    with pytest.raises(ValueError, match="empty_text_embed"):
+        from_official({**sd, "transformer.empty_text_embed": torch.randn(7, 16)}, heads=2)

@@ -65,6 +65,13 @@ def from_official(sd: dict[str, torch.Tensor], heads: int = 16) -> tuple[Transfo
     if NULL not in sd:
         raise KeyError(f"{NULL} missing: the checkpoint has no learned null text (trained without learnable_cf)")
     out["null_context"] = sd[NULL].float()
+    rows, k = out["token_emb.weight"].shape[0], out["out.weight"].shape[0]
+    if rows != k + 1:  # the content embedding holds the K codes plus [MASK]; to_logits predicts the K codes
+        raise ValueError(f"official checkpoint: content_emb.emb has {rows} rows but to_logits predicts {k} "
+                         f"codes (expected {k + 1} = K + [MASK]); the two come from different pruned codebooks")
+    if out["null_context"].shape[-1] != out["blocks.0.kv2.weight"].shape[1]:
+        raise ValueError(f"official checkpoint: {NULL} has width {out['null_context'].shape[-1]} but the "
+                         f"cross-attention reads {out['blocks.0.kv2.weight'].shape[1]}-d text features")
     layers = 1 + max(int(k.split(".")[1]) for k in out if k.startswith("blocks."))
     dim = out["token_emb.weight"].shape[1]
     cfg = TransformerConfig(
