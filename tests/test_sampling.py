@@ -174,6 +174,14 @@ def test_truncation_matches_diffusers_pipeline():
     for r in (0.5, 0.86, 0.99):
         ref = VQDiffusionPipeline.truncate(None, lp, r)
         assert torch.equal(truncate(lp, r) > LOG_EPS, ref > -torch.inf)
+    # boundary: r equal to the cumulative probability through some token (the next one must go)
+    g = torch.Generator().manual_seed(16)
+    for _ in range(40):
+        lp = torch.log_softmax(torch.randn(1, 16, 64, generator=g) * 2, 1)
+        k = int(torch.randint(0, 15, (1,), generator=g))
+        r = float(lp.sort(1, descending=True).values.exp().cumsum(1)[0, k, 0])
+        ref = VQDiffusionPipeline.truncate(None, lp, r)
+        assert torch.equal(truncate(lp, r) > LOG_EPS, ref > -torch.inf), (k, r)
 
 
 def test_bad_denoise_shape_is_named():

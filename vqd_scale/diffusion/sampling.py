@@ -52,8 +52,10 @@ def truncate(log_p: torch.Tensor, rate: float) -> torch.Tensor:
     if rate >= 1.0:
         return log_p
     sorted_lp, order = log_p.sort(dim=1, descending=True)
-    p = sorted_lp.exp()
-    keep_sorted = (p.cumsum(1) - p) < rate  # exclusive cumulative sum; position 0 is 0 < rate
+    cum = sorted_lp.exp().cumsum(1)
+    # exclusive cumulative sum by shifting: cumsum − p rounds below r at the boundary token
+    keep_sorted = torch.ones_like(cum, dtype=torch.bool)
+    keep_sorted[:, 1:] = cum[:, :-1] < rate
     keep = torch.empty_like(keep_sorted).scatter_(1, order, keep_sorted)  # back to code order
     return log_p.masked_fill(~keep, LOG_EPS)
 
