@@ -2,6 +2,7 @@
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -220,3 +221,45 @@ def test_overlapping_run_keeps_a_live_writers_tmp(tmp_path, tok_dir):
     assert (out / f"00000.tar.tmp.{host}.{live.pid}").exists() and (out / "00000.tar.tmp.other-node.1").exists()
     assert not (out / f"00000.tar.tmp.{host}.{dead.pid}").exists()
     assert m["totals"] == {"written": 3} and len(read_out(out / "00000.tar")) == 3
+
+
+def _gone(pid):
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] in "ZX"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs /proc (Linux)")
+def test_sigkilled_extract_leaves_no_decoding_workers(tmp_path, tok_dir):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_shards(src, SyntheticSpec(num_shards=1, samples_per_shard=2000, resolution=128))
+    code = (f"from vqd_scale.data.extract import ExtractConfig, run_extract; run_extract(ExtractConfig("
+            f"inputs={str(src / '00000.tar')!r}, out_dir={str(out)!r}, tokenizer={str(tok_dir)!r}, resolution={R}, "
+            f"batch_size=16, num_workers=2, progress=False))")
+    p = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.time() + 60
+        workers = []
+        while time.time() < deadline and len(workers) < 2:  # mid-shard: tmp output and both workers exist
+            time.sleep(0.2)
+            kids = Path(f"/proc/{p.pid}/task/{p.pid}/children")
+            workers = kids.read_text().split() if kids.exists() and list(out.glob("*.tmp*")) else []
+        assert len(workers) == 2, "extraction did not reach the middle of the shard"
+        time.sleep(1.0)  # let the workers fill the pipe to the parent
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    deadline = time.time() + 15
+    while time.time() < deadline and not all(_gone(w) for w in workers):
+        time.sleep(0.2)
+    left = [w for w in workers if not _gone(w)]
+    for w in left:
+        os.kill(int(w), signal.SIGKILL)
+    assert not left, "DataLoader workers outlived a SIGKILLed vqd-extract (blocked on the parent's pipe)"

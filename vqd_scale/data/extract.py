@@ -10,11 +10,13 @@ import glob
 import json
 import logging
 import os
+import signal
 import socket
 from contextlib import nullcontext
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -78,6 +80,18 @@ def _collate(batch: list[dict]) -> list[dict]:
     return batch
 
 
+def _die_with_parent(parent: int, _worker_id: int) -> None:
+    """Decoding workers of a SIGKILLed vqd-extract exit too (torch's check misses a worker blocked on a full pipe)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):
+        return  # not Linux: torch's own parent check is all there is
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def extract_shard(cfg: ExtractConfig, input_path: str, tokenizer, tokenize, embedder=None) -> dict:
     """Tokenise one input shard into out_dir; returns (and writes) its done-marker dict."""
     out_dir = Path(cfg.out_dir)
@@ -90,7 +104,7 @@ def extract_shard(cfg: ExtractConfig, input_path: str, tokenizer, tokenize, embe
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     loader = torch.utils.data.DataLoader(ShardSamples(input_path, cfg.resolution, cfg.center_crop),
                                          batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                                         collate_fn=_collate)
+                                         collate_fn=_collate, worker_init_fn=partial(_die_with_parent, os.getpid()))
     h, w = tokenizer.token_shape(cfg.resolution)
     with schema.tar_writer(tmp) as sink:
         for batch in loader:
