@@ -263,3 +263,14 @@ def test_sigkilled_extract_leaves_no_decoding_workers(tmp_path, tok_dir):
     for w in left:
         os.kill(int(w), signal.SIGKILL)
     assert not left, "DataLoader workers outlived a SIGKILLed vqd-extract (blocked on the parent's pipe)"
+
+
+def test_cli_refuses_bad_flags_with_a_message(tmp_path, tok_dir, caplog):
+    src = tmp_path / "src"
+    write_shards(src, SyntheticSpec(samples_per_shard=2, resolution=R))
+    base = ["--inputs", str(src / "00000.tar"), "--out-dir", str(tmp_path / "out"), "--tokenizer", str(tok_dir),
+            "--no-progress"]
+    assert extract_main(base + ["--resolution", str(R + 4)]) == 2  # not a multiple of the patch size 8
+    assert "not a multiple" in caplog.text and not (tmp_path / "out" / "manifest.json").exists()
+    assert extract_main(["--inputs", str(tmp_path / "nope" / "*.tar")] + base[2:]) == 2
+    assert "no input shards" in caplog.text

@@ -48,7 +48,11 @@ def main(argv=None) -> int:
         from vqd_scale.data.embed import ClipEmbedder
 
         embedder = ClipEmbedder.build(cfg.clip_model, cfg.clip_pretrained, cfg.device, cfg.out_dir)
-    m = run_extract(cfg, embedder)
+    try:
+        m = run_extract(cfg, embedder)
+    except (ValueError, FileNotFoundError) as e:  # a wrong flag, not a crash: say what to fix, no traceback
+        logging.error("vqd-extract: %s", e)
+        return 2
     print(f"manifest: {m['totals']} shards={len(m['shards'])} failed={m['num_failed_shards']} "
           f"missing={len(m['missing_inputs'])} pending={len(m['pending_inputs'])} tokenizer={m['tokenizer_id']}")
     if m["num_failed_shards"]:
