@@ -133,6 +133,13 @@ def test_vqd_eval_end_to_end(run_dir):
     with pytest.raises(ValueError, match="step_00000040.*do not fit"):
         cli.main([str(run_dir), "--step", "40"])
     assert not (ev / "40.json").exists() and not (ev / "40.lock").exists()
+    # --force keeps the old result until a new one exists: a failed re-evaluation leaves it in place
+    (ev / "40.json").write_text('{"old": true}')
+    with pytest.raises(ValueError, match="do not fit"):
+        cli.main([str(run_dir), "--step", "40", "--force"])
+    assert json.loads((ev / "40.json").read_text()) == {"old": True} and not list(ev.glob("40.json.*"))
+    assert cli.main([str(run_dir), "--step", "30", "--force"]) == 0  # a successful one replaces it
+    assert "metrics" in json.loads((ev / "30.json").read_text()) and not list(ev.glob("30.json.*"))
 
 
 def test_reference_cache_keyed_by_content_not_only_keys(run_dir, tmp_path):

@@ -55,8 +55,10 @@ def main(argv=None) -> int:
     from vqd_scale.train.distributed import shutdown
 
     ranks = setup_ranks()
-    if a.force and ranks.is_main:
-        watch.result_path(run_dir, a.step).unlink(missing_ok=True)
+    # --force: the old result is set aside, not deleted, and put back if this evaluation fails
+    kept = watch.result_path(run_dir, a.step).with_suffix(".json.replaced") if a.force else None
+    if kept and ranks.is_main and watch.result_path(run_dir, a.step).exists():
+        watch.result_path(run_dir, a.step).replace(kept)
     ranks.decide(lambda: None)  # the old result is gone on every rank's view before anyone scans
     built: list[Evaluator] = []
 
@@ -72,6 +74,11 @@ def main(argv=None) -> int:
         for ev in built:
             ev.close()
         shutdown()
+        if kept and ranks.is_main and kept.exists():
+            if watch.result_path(run_dir, a.step).exists():
+                kept.unlink()
+            else:
+                kept.replace(watch.result_path(run_dir, a.step))
     if ranks.is_main:
         print(f"vqd-eval: evaluated {len(done)} checkpoint(s): {done}", flush=True)
     return 0
