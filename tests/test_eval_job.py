@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from eval_ranks import run_eval_ranks
 from vqd_scale.cli import eval as cli
 from vqd_scale.config import load_config, save_config
 from vqd_scale.data import schema
@@ -191,34 +192,14 @@ def test_heldout_refusals(run_dir, tmp_path):
 @pytest.mark.slow
 def test_two_ranks_give_the_single_process_numbers(run_dir, tmp_path):
     """2 gloo ranks: chunks split across ranks, gathered on rank 0 — the same metrics as 1 process."""
-    import os
     import shutil
-    import socket
-    import subprocess
-    import sys
     copies = []
     for name in ("one", "two"):
         d = tmp_path / name
         shutil.copytree(run_dir, d, ignore=shutil.ignore_patterns("eval"))
         copies.append(d)
     assert cli.main([str(copies[0]), "--step", "20", "logging.wandb_mode=disabled"]) == 0
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    # Two ranks with torchrun's environment variables (what torchrun/srun would set), started directly:
-    # no launcher process to import torch a third time.
-    base = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore",
-            "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    procs = [subprocess.Popen([sys.executable, "-m", "vqd_scale.cli.eval", str(copies[1]), "--step", "20"],
-                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for r in range(2)]
-    try:
-        outs = [p.communicate(timeout=300) for p in procs]
-    finally:  # a failed rank leaves the other waiting in a collective: never leak it
-        for p in procs:
-            p.kill() if p.poll() is None else None
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
+    outs = run_eval_ranks([str(copies[1]), "--step", "20"])  # torchrun's variables, no launcher process
     one, two = (json.loads((d / "eval" / "20.json").read_text()) for d in copies)
     assert two["world_size"] == 2 and one["world_size"] == 1
     assert two["metrics"].keys() == one["metrics"].keys()

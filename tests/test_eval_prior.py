@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from eval_ranks import run_eval_ranks
 from vqd_scale.cli import eval as cli
 from vqd_scale.config import load_config, save_config
 from vqd_scale.data import schema
@@ -117,29 +118,11 @@ def test_heldout_embeddings_of_another_clip_are_refused(tmp_path):
 @pytest.mark.slow
 def test_prior_two_ranks_give_the_single_process_numbers_exactly(tmp_path):
     """3 chunks over 2 gloo ranks (rank 0: chunks 0 and 2): combined in chunk order, bit for bit as 1 process."""
-    import os
     import shutil
-    import socket
-    import subprocess
-    import sys
     run, _, _, _ = _prior_run(tmp_path, n=2 * job.PRIOR_BATCH + 40)
     two = tmp_path / "two"
     shutil.copytree(run, two)
     assert cli.main([str(run), "--once"]) == 0
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    base = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore",
-            "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    procs = [subprocess.Popen([sys.executable, "-m", "vqd_scale.cli.eval", str(two), "--once"],
-                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for r in range(2)]
-    try:
-        outs = [p.communicate(timeout=300) for p in procs]
-    finally:  # a failed rank leaves the other waiting in a collective: never leak it
-        for p in procs:
-            p.kill() if p.poll() is None else None
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
+    run_eval_ranks([str(two), "--once"])
     one, par = (json.loads((d / "eval" / "5.json").read_text()) for d in (run, two))
     assert par["world_size"] == 2 and par["metrics"] == one["metrics"]
