@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from vqd_scale.config import RunConfig
-from vqd_scale.data.schema import read_manifest, write_json_atomic
+from vqd_scale.data.schema import MANIFEST, read_manifest, write_json_atomic
 from vqd_scale.eval import metrics as M
 from vqd_scale.eval import plots
 from vqd_scale.eval.heldout import HeldOut, read_heldout
@@ -162,7 +162,7 @@ class Evaluator:
                 raise ValueError(f"eval.shards hold {emb.shape[1]}-d {name} embeddings but prior.embed_dim={dim}; "
                                  "use held-out shards extracted with the training data's --clip-model")
         from vqd_scale.eval.heldout import expand
-        manifests = [self.cfg.data.manifest, str(Path(expand(e.shards)[0]).parent / "manifest.json")]
+        manifests = [self.cfg.data.manifest, str(Path(expand(e.shards)[0]).parent / MANIFEST)]
         models = [(read_manifest(m).get("embedding_model") or {}).get("model") if m and Path(m).exists() else None
                   for m in manifests]
         if None not in models and models[0] != models[1]:

@@ -82,12 +82,12 @@ def to_diffusers(sd: dict[str, torch.Tensor], cfg: TransformerConfig) -> tuple[d
 
 def config_from_diffusers(config: dict[str, Any], context_len: int = 77) -> TransformerConfig:
     """Our TransformerConfig for a diffusers `Transformer2DModel` config (explicit sizes)."""
-    expect = {"activation_fn": "geglu-approximate", "norm_type": "ada_norm", "attention_bias": True,
-              "only_cross_attention": False, "double_self_attention": False, "norm_eps": 1e-5,
-              "norm_elementwise_affine": True}
-    # diffusers' defaults for keys an older config may lack (these change the math, not the key names)
-    config = {"only_cross_attention": False, "double_self_attention": False, "norm_eps": 1e-5,
-              "norm_elementwise_affine": True, **config}
+    # diffusers' defaults for keys an older config may lack (these change the math, not the key names);
+    # ours are exactly these values
+    defaults = {"only_cross_attention": False, "double_self_attention": False, "norm_eps": 1e-5,
+                "norm_elementwise_affine": True}
+    expect = {"activation_fn": "geglu-approximate", "norm_type": "ada_norm", "attention_bias": True, **defaults}
+    config = {**defaults, **config}
     if config.get("norm_type", "layer_norm") == "layer_norm" and config.get("num_embeds_ada_norm") is not None:
         # configs older than `norm_type` (the ITHQ hub model's): diffusers itself builds these as ada_norm
         config["norm_type"] = "ada_norm"
