@@ -169,6 +169,24 @@ def test_losses(preset):
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("preset", PRESETS)
+def test_t0_decoder_nll_is_minus_log_p_x0_for_confidently_wrong_kept_tokens(preset):
+    """t = 0 → posterior toward x0 is p̃ itself: NLL = −log p̃(x0) up to the −70 clamp (was capped near 49)."""
+    K, N = 1024, 4
+    d = make(preset, K)
+    x0 = torch.tensor([[3, 5, 7, 9]])
+    x_t = torch.tensor([[3, 6, 7, K]])  # kept right, kept wrong, kept right, masked
+    for want in (10.0, 30.0, 60.0):
+        logits = torch.zeros(1, K, N)
+        logits[0, 11, :] = want + math.log(K)  # all mass on code 11: p̃(x0) ≈ e^-want at every position
+        log_p = torch.log_softmax(logits, 1)
+        out = d.losses(log_p, x0, x_t, torch.tensor([0]))
+        expect = -log_p.gather(1, x0.unsqueeze(1)).mean()
+        assert torch.allclose(out["vlb"], expect, rtol=1e-4), (want, out["vlb"], expect)
+        post = d.q_posterior(log_p, x_t, torch.tensor([0]), torch.tensor([-1]))
+        assert torch.allclose(post[:, :K], log_p.clamp(min=LOG_EPS), atol=1e-5)
+
+
 def test_presets_and_overrides():
     assert resolve_endpoints("paper") == SCHEDULE_PRESETS["paper"]
     assert resolve_endpoints("paper", gamma_cum_end=0.8)[3] == 0.8

@@ -121,14 +121,27 @@ def test_purity_unmasks_scheduled_count_and_keeps_filled():
 
     cfg = SamplerConfig(steps=7, purity=True, purity_temperature=1.0)
     out = sample(diffusion("paper"), denoise, 3, 16, cfg, torch.Generator().manual_seed(10))
-    states = rec + [out]
-    counts = purity_counts(16, 7)
+    counts = purity_counts(16, 6)  # the 6 steps before the last fill everything
     assert sum(counts) == 16 and max(counts) - min(counts) <= 1
-    for i, (a, b) in enumerate(zip(states, states[1:])):
+    for i, (a, b) in enumerate(zip(rec, rec[1:])):
         filled_a, filled_b = a != K, b != K
         assert (filled_b.sum(1) - filled_a.sum(1)).tolist() == [counts[i]] * 3
-        assert torch.equal(b[filled_a], a[filled_a])  # filled tokens never change
-    assert (out != K).all()
+        assert torch.equal(b[filled_a], a[filled_a])  # filled tokens never change before the last step
+    assert (rec[-1] != K).all() and (out != K).all()
+
+
+def test_purity_last_step_redraws_every_position_from_the_final_prediction():
+    """Official prior_rule: at t = 0 every position is drawn from p̃, the ones filled earlier too."""
+    early = torch.full((2, K, 16), LOG_EPS)
+    early[:, 1] = 0.0  # every step before the last is sure of code 1
+    last = torch.full((2, K, 16), LOG_EPS)
+    last[:, 4] = 0.0  # the final prediction is sure of code 4
+
+    def denoise(x_t, t):
+        return (last if int(t[0]) == 0 else early), None
+
+    out = sample(diffusion(), denoise, 2, 16, SamplerConfig(steps=5, purity=True), torch.Generator().manual_seed(3))
+    assert (out == 4).all(), out  # before the fix: all 1 (filled positions were kept)
 
 
 def test_purity_prefers_confident_positions():
@@ -162,6 +175,15 @@ def test_sample_categorical_distribution():
     freq = torch.bincount(idx.view(-1), minlength=4).float() / 40000
     assert freq[1] == 0  # a zero-probability code is never drawn
     assert (freq - p).abs().max() < 5 * math.sqrt(0.25 / 40000)
+
+
+def test_sample_categorical_never_draws_a_floored_code_even_when_u_is_zero(monkeypatch):
+    """A uniform draw of exactly 0 (or one rounded up to the total) must not land on a LOG_EPS code."""
+    lp = torch.full((1, 5, 2), LOG_EPS)
+    lp[0, 2, :] = 0.0  # only code 2 is possible; codes 0, 1, 3, 4 are truncated
+    for u in (0.0, 1.0):  # the two ends of the inverse CDF
+        monkeypatch.setattr(torch, "rand", lambda *a, u=u, **k: torch.full(a[0], u))
+        assert sample_categorical(lp).tolist() == [[2, 2]], u  # u = 0 drew code 0 before the fix
 
 
 def test_truncation_matches_diffusers_pipeline():

@@ -144,6 +144,13 @@ class MaskAndReplace:
         codes = codes.scatter_add(1, idx, torch.where(masked, 0.0, l_stay - l_beta).expand(B, 1, N))
         mask_row = torch.where(masked, mask_row, LOG_EPS)  # an unmasked x_t cannot come from [MASK]
         out = torch.cat([codes, mask_row], dim=1)  # [B,K+1,N]
+        # Toward x_0 (s = −1) the posterior is p̃ itself, exactly: β̄_s = 0 there, but its floored log
+        # (LOG_EPS) would leak through `logaddexp` and cap the decoder NLL of a confidently wrong token
+        # near 49 nats (K = 1024) instead of −log p̃(x0).
+        to_x0 = (s == -1).to(out.device).view(-1, 1, 1)
+        if to_x0.any():
+            exact = torch.cat([log_x0, torch.full_like(mask_row, LOG_EPS)], dim=1)
+            out = torch.where(to_x0, exact, out)
         return out.clamp_(LOG_EPS, 0.0)
 
     def p_sample(self, log_x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
@@ -223,10 +230,16 @@ def sample_categorical(log_p: torch.Tensor, generator: Optional[torch.Generator]
     Needs one uniform per position instead of K Gumbel draws, which dominates the cost on CPU.
     """
     lp = log_p.transpose(1, 2)  # [B,N,K]; contiguous when it came from a [B,N,K] head
-    cdf = (lp - lp.amax(-1, keepdim=True)).exp_().contiguous().cumsum_(-1)  # [B,N,K]
-    u = torch.rand(cdf.shape[:-1] + (1,), device=cdf.device, generator=generator) * cdf[..., -1:]
-    # right=True: first k with cdf[k] > u, so a zero-probability code is never picked
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=log_p.shape[1] - 1)
+    # Codes at the LOG_EPS floor (truncated, or log 0) get probability exactly 0, not e^-70 relative
+    # to the max: otherwise a uniform draw of exactly 0 would pick the first code even if truncated.
+    p = (lp - lp.amax(-1, keepdim=True)).exp_().masked_fill_(lp <= LOG_EPS, 0.0)
+    cdf = p.contiguous().cumsum_(-1)  # [B,N,K]
+    total = cdf[..., -1:]
+    u = torch.rand(cdf.shape[:-1] + (1,), device=cdf.device, generator=generator) * total
+    # right=True: first k with cdf[k] > u, so a zero-probability code is never picked; a u rounded up
+    # to the total would fall past the end: clamp to the last code with probability (cdf first = total).
+    last = (cdf < total).sum(-1, keepdim=True)  # [B,N,1]
+    return torch.minimum(torch.searchsorted(cdf, u, right=True), last).squeeze(-1)
 
 
 class ImportanceSampler:

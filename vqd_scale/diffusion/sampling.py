@@ -98,14 +98,15 @@ def sample(diffusion: MaskAndReplace, denoise: Denoise, batch_size: int, num_tok
     """Generate Long[B,N] tokens from all-[MASK], visiting `timesteps(T, cfg.steps)`.
 
     Each step: net at t → guidance → truncation → either a draw from p_θ(x_{t_prev} | x_t) toward the
-    next visited t (`MaskAndReplace.p_sample`; after the last, x0 straight from p̃) or, with
-    `cfg.purity`, a fixed number of positions filled from p̃. Noise comes only from `generator`
+    next visited t (`MaskAndReplace.p_sample`) or, with `cfg.purity`, a fixed number of positions
+    filled from p̃; the last step draws every position from p̃ (the posterior toward x0). Noise comes only from `generator`
     (its device is the sampling device).
     """
     T, K = diffusion.num_timesteps, diffusion.num_classes
     check_sampler_config(cfg, T)
     ts = timesteps(T, cfg.steps)
-    counts = purity_counts(num_tokens, len(ts))
+    # purity fills every position by the step before the last; the last step redraws them all
+    counts = purity_counts(num_tokens, max(len(ts) - 1, 1))
     if device is None:
         device = generator.device if generator is not None else diffusion.device
     x = torch.full((batch_size, num_tokens), K, dtype=torch.long, device=device)
@@ -119,10 +120,12 @@ def sample(diffusion: MaskAndReplace, denoise: Denoise, batch_size: int, num_tok
         # normalised probabilities are only needed by truncation and purity
         exact = cfg.truncation_rate < 1.0 or cfg.purity
         log_x0 = truncate(guide(log_c, log_u, cfg.guidance_scale, normalise=exact), cfg.truncation_rate)
-        if cfg.purity:
+        if t_prev < 0:
+            # The posterior toward x0 is p̃ itself. With purity too, every position is redrawn from the
+            # final prediction, filled ones included, as the official `prior_rule` does at t = 0.
+            x = sample_categorical(log_x0, generator)
+        elif cfg.purity:
             x = _purity_step(x, log_x0, counts[i], cfg.purity_temperature, K, generator)
-        elif t_prev < 0:
-            x = sample_categorical(log_x0, generator)  # the posterior toward x0 is p̃ itself
         else:
             x = diffusion.p_sample(log_x0, x, t_vec, torch.full_like(t_vec, t_prev), generator)
     return x
