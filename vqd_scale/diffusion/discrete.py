@@ -15,7 +15,7 @@ from vqd_scale.diffusion.presets import resolve_endpoints
 
 LOG_EPS = -70.0  # log-probabilities are clamped here (as the official code does): e^-70 ≈ 4e-31
 # Weight of the uniform distribution mixed into the importance distribution: bounds the loss weight
-# 1/(T·p_t) by 1/UNIFORM_FLOOR so a t whose loss EMA is tiny cannot blow up a step.
+# 1/p_t by T/UNIFORM_FLOOR so a t whose loss EMA is tiny cannot blow up a step.
 UNIFORM_FLOOR = 0.01
 
 
@@ -269,11 +269,17 @@ class ImportanceSampler:
         return (1 - UNIFORM_FLOOR) * p + UNIFORM_FLOOR / self.T
 
     def sample(self, batch_size: int, device=None, generator: Optional[torch.Generator] = None):
-        """(t Long[B], weight F[B]) with weight = 1/(T·p_t), so the weighted loss is unbiased."""
+        """(t Long[B], weight F[B]) with weight = 1/p_t, so E[weight·L_t] = Σ_t L_t.
+
+        The weighted loss is an unbiased estimate of the whole VLB (all T terms, nats per token), the
+        scale of the official code's `kl / pt`: its recipe (grad_clip 0.5, lr, aux weight) assumes it.
+        Under uniform t this is T·L_t, not L_t: a per-term mean would be T times smaller and leave the
+        official clip inert (docs/training.md, "Loss scale").
+        """
         p = self.probs()
         gen_dev = generator.device if generator is not None else torch.device("cpu")
         t = torch.multinomial(p.to(gen_dev, torch.float32), batch_size, replacement=True, generator=generator)
-        weight = (1.0 / (self.T * p))[t.cpu()].float()
+        weight = (1.0 / p)[t.cpu()].float()
         return t.to(device), weight.to(device)
 
     def update(self, t: torch.Tensor, loss: torch.Tensor) -> None:

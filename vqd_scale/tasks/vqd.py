@@ -53,7 +53,7 @@ class VQDTask:
         self.flops_per_sample = flops_per_sample(num_params, size.layers, size.dim, n, model_cfg.context_len)
 
     def loss(self, module, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-        """Importance-weighted mean loss over batch × tokens, plus metrics."""
+        """Σ_t-VLB estimate (nats/token, importance-weighted) + aux loss over batch × tokens, plus metrics."""
         x0 = batch["image_tokens"].to(self.device, non_blocking=True).long().flatten(1)  # [B,h,w] → [B,N]
         with torch.no_grad():
             context = self.text(batch["text_tokens"].to(self.device, non_blocking=True))  # [B,77,width]
@@ -62,9 +62,10 @@ class VQDTask:
         drop = batch["drop_text"].to(self.device, non_blocking=True).bool()
         log_x0 = module(x_t, t, context=context, drop_text=drop)
         parts = self.diffusion.losses(log_x0.float(), x0, x_t, t)
+        # weight = 1/p_t: the loss estimates the whole VLB in nats per token (the official scale)
         loss = (parts["loss"] * weight).mean()
-        metrics = {"loss": loss.detach(), "vlb": parts["vlb"].detach().mean(), "aux": parts["aux"].detach().mean(),
-                   "t": t, "vlb_per_sample": parts["vlb"].detach()}
+        metrics = {"loss": loss.detach(), "vlb": (parts["vlb"] * weight).detach().mean(),
+                   "aux": parts["aux"].detach().mean(), "t": t, "vlb_per_sample": parts["vlb"].detach()}
         return loss, metrics
 
     def after_step(self, gathered: dict[str, torch.Tensor]) -> None:

@@ -191,6 +191,13 @@ def _setup_and_loop(cfg: RunConfig, resume: Optional[str], init_from: Optional[s
         D.shutdown()
 
 
+def _clipped(grad_norm, clip: float, device: torch.device) -> torch.Tensor:
+    """1 if this optimizer step's (pre-clip) grad norm exceeded grad_clip, else 0; stays on the device."""
+    if grad_norm is None or clip <= 0:
+        return torch.zeros((), device=device)
+    return (torch.as_tensor(grad_norm, device=device) > clip).float()
+
+
 def _save(cfg, env, engine, ema, task, loader, state, run_dir, config_yaml) -> Path:
     trainer_state = {"step": state.step, "samples_seen": state.samples_seen, "world_size": env.world_size,
                      "zero_stage": cfg.deepspeed.zero_stage, "task": task.state_dict(),
@@ -209,7 +216,8 @@ def _loop(cfg, env, device, task, engine, ema, loader, state, logger, stop, run_
     it = iter(loader)
     last_save = last_log = time.monotonic()
     acc: dict[str, torch.Tensor] = {}  # running sums of the task's scalar metrics over the log interval
-    n_acc, wait, samples_at_log = 0, 0.0, state.samples_seen
+    n_acc, wait, samples_at_log, steps_at_log = 0, 0.0, state.samples_seen, state.step
+    clipped = torch.zeros((), device=device)  # optimizer steps whose grad norm exceeded grad_clip
     while state.samples_seen < cfg.max_samples:
         # ---- one optimizer step (accum micro-steps) --------------------------------------------
         lr = lr_at(state.samples_seen, cfg.optim, cfg.max_samples)
@@ -233,6 +241,7 @@ def _loop(cfg, env, device, task, engine, ema, loader, state, logger, stop, run_
             n_acc += 1
             state.samples_seen += global_batch
         state.step += 1
+        clipped += _clipped(engine.get_global_grad_norm(), cfg.optim.grad_clip, device)
         ema.maybe_update(engine.module, state.step)
         # ---- logging ---------------------------------------------------------------------------
         final = state.samples_seen >= cfg.max_samples
@@ -244,6 +253,7 @@ def _loop(cfg, env, device, task, engine, ema, loader, state, logger, stop, run_
             grad_norm = engine.get_global_grad_norm()
             metrics = {**dict(zip(keys, means)), "lr": lr,
                        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                       "clip_frac": float(clipped) / max(state.step - steps_at_log, 1),
                        "samples_seen": state.samples_seen, "samples_per_s": sps,
                        "tokens_per_s": sps * task.tokens_per_sample, "data_wait": wait / max(now - last_log, 1e-9),
                        "peak_mem_mb": peak_memory_mb(device)}
@@ -251,7 +261,8 @@ def _loop(cfg, env, device, task, engine, ema, loader, state, logger, stop, run_
                 metrics["mfu"] = task.flops_per_sample * sps / (peak * env.world_size)
             logger.log(state.step, metrics)
             acc.clear()
-            n_acc, wait, last_log, samples_at_log = 0, 0.0, now, state.samples_seen
+            clipped.zero_()
+            n_acc, wait, last_log, samples_at_log, steps_at_log = 0, 0.0, now, state.samples_seen, state.step
         # ---- checkpoint / stop: every rank must agree, so decide in one collective ----------------
         due_time = env.is_main and time.monotonic() - last_save >= cfg.checkpoint.every_minutes * 60
         stop_now, due = D.agree([stop.raised, due_time or state.step % cfg.checkpoint.every_steps == 0], device)

@@ -135,7 +135,7 @@ def _held_signals(redeliver: bool) -> Iterator[None]:
                               "already checkpointed and is exiting)", RuntimeWarning, stacklevel=3)
 
 
-CONSOLE_KEYS = ("loss", "vlb", "aux", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "data_wait",
+CONSOLE_KEYS = ("loss", "vlb", "aux", "lr", "grad_norm", "clip_frac", "samples_per_s", "tokens_per_s", "data_wait",
                 "peak_mem_mb", "mfu")
 
 
