@@ -6,7 +6,7 @@ import tarfile
 import numpy as np
 from PIL import Image, ImageFilter
 
-from vqd_scale.data.synthetic import (SyntheticSpec, attribute_accuracy, caption_attributes, image_attributes,
+from vqd_scale.data.synthetic import (SyntheticSpec, attribute_accuracy, caption_attributes, image_attributes, render,
                                       make_sample, write_shards)
 
 
@@ -59,3 +59,22 @@ def test_image_attributes_match_captions_even_blurred():
     assert attribute_accuracy(caps[1:], [im for im, _, _ in samples[:-1]])["all"] < 0.2
     noise = [np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8) for i in range(20)]
     assert attribute_accuracy(caps[:20], noise)["all"] < 0.1
+
+
+def test_clutter_fails_position_count_and_all():
+    """A mosaic of fragments has an object at every position: the caption's position alone must not pass."""
+    spec = SyntheticSpec(resolution=64, seed=2)
+    # objects in a corner, so fragments in the other three corners never touch them
+    samples = [s for s in (make_sample(spec, 0, i) for i in range(40)) if s[2][0]["position"] != "center"][:20]
+    caps = [c for _, c, _ in samples]
+    cluttered = []
+    for i, (_, _, scene) in enumerate(samples):
+        other = "green" if scene[0]["color"] != "green" else "red"
+        extra = [{"color": other, "shape": "square", "position": p}
+                 for p in ("top left", "top right", "bottom left", "bottom right") if p != scene[0]["position"]]
+        cluttered.append(render(scene + extra, 64, np.random.default_rng(i)))
+    acc = attribute_accuracy(caps, cluttered)
+    assert acc["color"] == acc["shape"] == 1.0  # the named object is there and right ...
+    assert acc["position"] == 0 and acc["count"] == 0 and acc["all"] == 0, acc  # ... among clutter
+    clean = attribute_accuracy(caps, [im for im, _, _ in samples])
+    assert clean["position"] == clean["count"] == clean["all"] == 1.0, clean

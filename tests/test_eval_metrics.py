@@ -136,7 +136,7 @@ def test_attribute_hits_on_rendered_synthetic_images():
         caps.append(cap)
     images = torch.stack(imgs)
     right = M.attribute_summary(M.attribute_hits(caps, images))
-    assert right == {"attr_color": 1.0, "attr_shape": 1.0, "attr_position": 1.0, "attr_all": 1.0}
+    assert right == {"attr_color": 1.0, "attr_shape": 1.0, "attr_position": 1.0, "attr_count": 1.0, "attr_all": 1.0}
     # The same images against the captions shifted by one: colour/shape/position mostly wrong.
     wrong = M.attribute_summary(M.attribute_hits(caps[1:] + caps[:1], images))
     assert wrong["attr_all"] < 1.0 and min(wrong.values()) < 1.0

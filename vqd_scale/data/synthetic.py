@@ -213,25 +213,33 @@ def image_attributes(image: Any, min_area_frac: float = 0.01) -> dict[str, Any]:
 
 
 def attribute_accuracy(captions: list[str], images: Iterable[Any]) -> dict[str, float]:
-    """Per caption object: position found in the image, and colour/shape of the image object there; "all" = every attribute of every object right."""
+    """Per caption object: colour/shape of the image object at its position; per image: object count.
+
+    `position` needs an object at the caption's position *and* no extra objects, so a clutter of
+    fragments (an object at every position) fails it; `count` = as many objects as the caption names;
+    `all` = count right and every attribute of every caption object right.
+    """
     hits = {"color": 0, "shape": 0, "position": 0}
-    n_obj = n_img = all_ok = 0
+    n_obj = n_img = all_ok = count_ok = 0
     for caption, image in zip(captions, images):
         want, got = caption_attributes(caption)["objects"], image_attributes(image)["objects"]
         at = {}
         for o in got:  # largest object first, so it wins a position
             at.setdefault(o["position"], o)
-        ok_img = bool(want)
+        same_count = len(got) == len(want)
+        ok_img = bool(want) and same_count
         for o in want:
             g = at.get(o["position"])
-            ok = {"position": g is not None, "color": g is not None and g["color"] == o["color"],
+            ok = {"position": g is not None and same_count, "color": g is not None and g["color"] == o["color"],
                   "shape": g is not None and g["shape"] == o["shape"]}
             for k, v in ok.items():
                 hits[k] += v
             ok_img &= all(ok.values())
             n_obj += 1
+        count_ok += same_count
         all_ok += ok_img
         n_img += 1
     out = {k: v / max(n_obj, 1) for k, v in hits.items()}
+    out["count"] = count_ok / max(n_img, 1)
     out["all"] = all_ok / max(n_img, 1)
     return out

@@ -196,12 +196,12 @@ def clip_score(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
     return 100 * F.cosine_similarity(image_emb.float(), text_emb.float(), dim=-1).clamp(min=0)
 
 
-ATTRIBUTE_KEYS = ("objects", "color", "shape", "position", "all")
+ATTRIBUTE_KEYS = ("objects", "color", "shape", "position", "count", "all")
 
 
 def attribute_hits(captions: Sequence[str], images: torch.Tensor) -> torch.Tensor:
-    """Per-sample rows F[B,5] = (caption objects, colour hits, shape hits, position hits, all right),
-    from C's synthetic-data heuristics; rows from several ranks add up (see `attribute_summary`)."""
+    """Per-sample rows F[B,6] = (caption objects, colour hits, shape hits, position hits, count right,
+    all right), from the synthetic-data heuristics; rows from several ranks add up (`attribute_summary`)."""
     from vqd_scale.data.synthetic import attribute_accuracy, caption_attributes
 
     if len(captions) != len(images):
@@ -210,16 +210,17 @@ def attribute_hits(captions: Sequence[str], images: torch.Tensor) -> torch.Tenso
     for caption, image in zip(captions, images):
         n = len(caption_attributes(caption)["objects"])
         acc = attribute_accuracy([caption], [image])  # fractions over this caption's objects
-        rows.append([n, acc["color"] * n, acc["shape"] * n, acc["position"] * n, acc["all"]])
+        rows.append([n, acc["color"] * n, acc["shape"] * n, acc["position"] * n, acc["count"], acc["all"]])
     return torch.tensor(rows, dtype=torch.float64).reshape(-1, len(ATTRIBUTE_KEYS))
 
 
 def attribute_summary(rows: torch.Tensor) -> dict[str, float]:
-    """Accuracy per attribute over all caption objects; `attr_all` = images with every attribute right."""
+    """Accuracy per attribute over all caption objects; `attr_count`/`attr_all` over images."""
     tot = rows.sum(0)
-    n_obj = max(float(tot[0]), 1.0)
+    n_obj, n_img = max(float(tot[0]), 1.0), max(rows.shape[0], 1)
     out = {f"attr_{k}": float(tot[i]) / n_obj for i, k in enumerate(ATTRIBUTE_KEYS[1:4], start=1)}
-    out["attr_all"] = float(tot[4]) / max(rows.shape[0], 1)
+    out["attr_count"] = float(tot[4]) / n_img
+    out["attr_all"] = float(tot[5]) / n_img
     return out
 
 
