@@ -4,12 +4,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import textwrap
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -18,20 +19,46 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).numpy()  # [B,3,H,W] → [B,H,W,3]
 
 
-def save_grid(images: torch.Tensor, path: str | os.PathLike, pad: int = 2) -> Path:
-    """Tile images F[B,3,H,W] in [-1,1] into a near-square grid PNG with `pad` px white gutters."""
+def _cell_image(sample: np.ndarray, reference: Optional[np.ndarray], scale: int, pad: int) -> Image.Image:
+    """One sample (and its held-out reference to the right of it), upscaled without smoothing."""
+    h, w, _ = sample.shape
+    parts = [sample] if reference is None else [sample, np.full((h, max(pad // scale, 1), 3), 255, np.uint8), reference]
+    row = np.concatenate(parts, axis=1)
+    return Image.fromarray(row).resize((row.shape[1] * scale, h * scale), Image.NEAREST)
+
+
+def save_grid(images: torch.Tensor, path: str | os.PathLike, pad: int = 2, captions: Optional[Sequence[str]] = None,
+              references: Optional[torch.Tensor] = None, scale: int = 1, cols: Optional[int] = None) -> Path:
+    """Tile images F[B,3,H,W] in [-1,1] into a grid PNG with `pad` px white gutters.
+
+    With `captions`, each cell carries its caption underneath (wrapped), so text alignment can be judged
+    by eye; with `references` (F[B,3,H,W], e.g. the held-out real image of each caption) each sample has
+    its reference beside it. `scale` upscales small images (nearest neighbour) so captions fit.
+    """
     arr = to_uint8(images)
-    b, h, w, _ = arr.shape
-    cols = math.ceil(math.sqrt(b))
+    ref = to_uint8(references) if references is not None else None
+    b = arr.shape[0]
+    if captions is not None and len(captions) < b:
+        raise ValueError(f"{b} images but {len(captions)} captions")
+    cells = [_cell_image(arr[i], None if ref is None else ref[i], scale, pad) for i in range(b)]
+    cw, ch = cells[0].size
+    font = ImageFont.load_default()
+    line_h = 11  # PIL's default bitmap font is ~6×11 px
+    text_lines = [textwrap.wrap(c, max(cw // 6, 8)) for c in captions[:b]] if captions is not None else []
+    text_h = line_h * max(map(len, text_lines), default=0) + (2 if text_lines else 0)
+    cols = cols or math.ceil(math.sqrt(b))
     rows = math.ceil(b / cols)
-    canvas = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
-    for i in range(b):
+    canvas = Image.new("RGB", (cols * (cw + pad) + pad, rows * (ch + text_h + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for i, cell in enumerate(cells):
         r, c = divmod(i, cols)
-        y, x = pad + r * (h + pad), pad + c * (w + pad)
-        canvas[y:y + h, x:x + w] = arr[i]
+        x, y = pad + c * (cw + pad), pad + r * (ch + text_h + pad)
+        canvas.paste(cell, (x, y))
+        for j, line in enumerate(text_lines[i] if text_lines else []):
+            draw.text((x, y + ch + 1 + j * line_h), line, fill=(0, 0, 0), font=font)
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    Image.fromarray(canvas).save(tmp)
+    canvas.save(tmp)
     os.replace(tmp, path)  # readers (and wandb) never see a half-written PNG
     return path
 
