@@ -7,8 +7,8 @@
     python tools/prepare_tokenizer.py --taming-ckpt vqgan/last.ckpt --taming-config vqgan/model.yaml \\
         --shards 'data/laion/{00000..00009}.tar' --resolution 256 --out models/tok_laion
 
-Images are read and preprocessed exactly as vqd-extract does; the first --heldout ones are not used
-for fitting and measure reconstruction (full vs pruned codebook). Writes OUT/ (ImageTokenizer dir,
+Images are read and preprocessed exactly as vqd-extract does; every tenth one (at most --heldout) is
+not used for fitting and measures reconstruction (full vs pruned codebook). Writes OUT/ (ImageTokenizer dir,
 resolution recorded as vqd-extract's default) and OUT/prepare_report.json.
 """
 from __future__ import annotations
@@ -33,7 +33,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-center-crop", action="store_true")
     ap.add_argument("--min-image-size", type=int, default=32)
     ap.add_argument("--max-images", type=int, default=2000, help="images read (held-out ones included)")
-    ap.add_argument("--heldout", type=int, default=64, help="first images kept out of the fit, for the report")
+    ap.add_argument("--heldout", type=int, default=64, help="at most this many images (every tenth) kept out of "
+                    "the fit, for the report")
     ap.add_argument("--min-count", type=int, default=1, help="keep codes used at least this often")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--device", default="cpu")

@@ -1,8 +1,8 @@
 """Prepare a pretrained VQ model for a dataset: fit the codebook pruning map on the user's own shards.
 
 VQ-Diffusion keeps only the codes a sample of the training images actually uses (2886 of the
-OpenImages VQGAN's): the diffusion then never spends probability on dead codes. The first
-`heldout` images are set aside to report what pruning costs on images it was not fitted on
+OpenImages VQGAN's): the diffusion then never spends probability on dead codes. Every tenth image,
+up to `heldout` of them, is set aside to report what pruning costs on images it was not fitted on
 (reconstruction error with the full and the pruned codebook, tokens whose nearest code was pruned).
 """
 from __future__ import annotations
@@ -33,17 +33,6 @@ def shard_images(inputs: str, resolution: int, center_crop: bool = True, min_siz
                     return
 
 
-def _batches(images: Iterable[np.ndarray], size: int) -> Iterator[torch.Tensor]:
-    buf = []
-    for im in images:
-        buf.append(im)
-        if len(buf) == size:
-            yield _to_tensor(buf)
-            buf = []
-    if buf:
-        yield _to_tensor(buf)
-
-
 def _to_tensor(images: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1  # [b,R,R,3] u8 → [b,3,R,R]
 
@@ -55,28 +44,38 @@ def _psnr(mse: float) -> float:
 @torch.no_grad()
 def fit_pruning(tok, images: Iterable[np.ndarray], heldout: int = 64, min_count: int = 1,
                 batch_size: int = 16) -> dict:
-    """Keep the codes used ≥ min_count times by the images after the first `heldout`; returns the report."""
+    """Keep the codes used ≥ min_count times by the fitting images (all but every tenth, up to `heldout`
+    of which are held out); returns the report."""
     n_codes = tok.codebook().shape[0]
     counts = torch.zeros(n_codes, dtype=torch.long)
-    held: list[torch.Tensor] = []
+    held: list[np.ndarray] = []
+    buf: list[np.ndarray] = []
     n_fit = 0
-    for x in _batches(images, batch_size):
-        take = min(len(x), heldout - sum(map(len, held)))
-        if take > 0:
-            held.append(x[:take])
-            x = x[take:]
-        if len(x):
-            counts += torch.bincount(tok.encode_full(x).flatten().cpu(), minlength=n_codes)
-            n_fit += len(x)
+
+    def count(batch: list[np.ndarray]) -> None:
+        nonlocal counts, n_fit
+        counts += torch.bincount(tok.encode_full(_to_tensor(batch)).flatten().cpu(), minlength=n_codes)
+        n_fit += len(batch)
+
+    for i, im in enumerate(images):
+        if i % 10 == 0 and len(held) < heldout:
+            held.append(im)
+            continue
+        buf.append(im)
+        if len(buf) == batch_size:
+            count(buf)
+            buf = []
+    if buf:
+        count(buf)
     if n_fit == 0:
-        raise ValueError(f"no image left to fit the pruning map on after {heldout} held-out ones; give more "
-                         "shards or --max-images, or lower --heldout")
+        raise ValueError("no image to fit the pruning map on: the shards gave none that decodes (check --shards, "
+                         "--min-image-size)")
     keep = torch.nonzero(counts >= min_count).flatten()
     if keep.numel() == 0:
         raise ValueError(f"no code is used {min_count} times; lower --min-count")
     full_err = tok_err = pruned_frac = None  # no held-out images: nothing to report
     if held:
-        h = torch.cat(held)
+        h = _to_tensor(held)
         full_ids = tok.encode_full(h)
         full_err = float(((tok.render(full_ids).clamp(-1, 1).cpu() - h) ** 2).mean())
         pruned_frac = float((~torch.isin(full_ids.cpu(), keep)).float().mean())
@@ -86,7 +85,7 @@ def fit_pruning(tok, images: Iterable[np.ndarray], heldout: int = 64, min_count:
     top = counts.sort(descending=True).values
     tokens = int(counts.sum())
     return {"codes_total": n_codes, "codes_kept": int(keep.numel()), "min_count": min_count,
-            "fit_images": n_fit, "fit_tokens": tokens, "heldout_images": sum(map(len, held)),
+            "fit_images": n_fit, "fit_tokens": tokens, "heldout_images": len(held),
             "top10pct_codes_token_share": float(top[: max(1, n_codes // 10)].sum()) / max(tokens, 1),
             "recon_mse_full": full_err, "recon_mse_pruned": tok_err,
             "psnr_full": None if full_err is None else _psnr(full_err),
