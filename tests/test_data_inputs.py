@@ -104,6 +104,10 @@ def test_truncated_shard_fails_the_run_and_is_in_the_manifest(tmp_path, tok_dir)
     assert m["truncated_shards"] == ["00001.tar"] and m["num_failed_shards"] == 0
     assert m["totals"]["lost_samples"] == 5 - d["written"] and m["totals"]["written"] == 5 + d["written"]
     assert extract_main(args) == 0  # without the flag the run succeeds and reports it
+    (src / "00001_stats.json").unlink()  # without img2dataset's count the loss is unknown, not 0
+    assert extract_main(args[:3] + [str(tmp_path / "out2")] + args[4:]) == 0
+    d = json.loads((tmp_path / "out2" / "00001.done.json").read_text())
+    assert d["skipped"] == {"truncated_tar": 1} and d["lost_samples"] is None and d["expected_samples"] is None
 
 
 def test_replaced_input_is_extracted_again(tmp_path, tok_dir):

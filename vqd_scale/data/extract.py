@@ -118,8 +118,8 @@ def extract_shard(cfg: ExtractConfig, input_path: str, tokenizer, tokenize, embe
                     good.append(r)
                 else:
                     skipped[r["skip"]] += 1
-                    if r["skip"] == TRUNCATED:
-                        lost += r.get("lost") or 0
+                    if r["skip"] == TRUNCATED:  # lost stays None (unknown) without img2dataset's stats file
+                        lost = None if r.get("lost") is None or lost is None else lost + r["lost"]
                         log.error("input shard %s is truncated after %s: %s (samples lost: %s)", input_path,
                                   r["key"], r.get("error"), "unknown" if r.get("lost") is None else r["lost"])
                 seen += r["skip"] not in (UNREADABLE, TRUNCATED)  # shard-level events are not samples
