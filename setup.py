@@ -28,7 +28,15 @@ setup(
         "matplotlib",
         "pytorch-fid",  # FID Inception-v3 (eval.feature_extractor=inception) and the Fréchet oracle in tests
     ],
-    extras_require={"test": ["pytest", "pytest-timeout"]},
+    extras_require={"test": [
+        "pytest", "pytest-timeout",
+        # the oracle for tools/prepare_tokenizer.py's taming VQGAN conversion (its Encoder/Decoder/quantiser)
+        "taming-transformers-rom1504",
+        # img2dataset's own requirements: tools/install.sh installs img2dataset itself with --no-deps, because
+        # it pins webdataset<0.3 although it only uses TarWriter (webdataset>=1.0 has it unchanged)
+        "opencv-python-headless>=4.5.5.62,<5", "fire>=0.4.0,<0.8.0", "pandas>=1.1.5,<3", "pyarrow>=6.0.0",
+        "exifread-nocycle>=3.0.1,<4", "albumentations>=1.3.0,<2", "fsspec",
+    ]},
     entry_points={
         "console_scripts": [
             "vqd-train=vqd_scale.cli.train:main",

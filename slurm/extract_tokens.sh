@@ -9,7 +9,8 @@
 #   # afterwards (or as a dependent job) write the final manifest from all done-markers:
 #   INPUTS=... OUT=... TOKENIZER=... MANIFEST_ONLY=1 sbatch --dependency=afterok:$ARRAY_JOB slurm/extract_tokens.sh
 #
-# Environment: INPUTS, OUT, TOKENIZER (required); SOURCE, RESOLUTION (256), BATCH (64), WORKERS (8),
+# Environment: INPUTS, OUT, TOKENIZER (required); SOURCE (default: the inputs' folder name), RESOLUTION
+# (default: the tokenizer's), BATCH (64), WORKERS (8),
 # CLIP_MODEL / CLIP_PRETRAINED (embeddings for the prior), EXTRA_ARGS, PYTHON.
 #
 #SBATCH --job-name=vqd-extract
@@ -30,9 +31,10 @@ DEVICE=cpu
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then DEVICE=cuda; fi
 TASK="${SLURM_ARRAY_TASK_ID:-0}"
 NTASKS="${SLURM_ARRAY_TASK_COUNT:-1}"
-ARGS=(--inputs "$INPUTS" --out-dir "$OUT" --tokenizer "$TOKENIZER" --source "${SOURCE:-laion}"
-      --resolution "${RESOLUTION:-256}" --batch-size "${BATCH:-64}" --num-workers "${WORKERS:-8}"
-      --device "$DEVICE" --no-progress)
+ARGS=(--inputs "$INPUTS" --out-dir "$OUT" --tokenizer "$TOKENIZER"
+      --batch-size "${BATCH:-64}" --num-workers "${WORKERS:-8}" --device "$DEVICE" --no-progress)
+[[ -n "${SOURCE:-}" ]] && ARGS+=(--source "$SOURCE")
+[[ -n "${RESOLUTION:-}" ]] && ARGS+=(--resolution "$RESOLUTION")
 [[ -n "${CLIP_MODEL:-}" ]] && ARGS+=(--clip-model "$CLIP_MODEL")
 [[ -n "${CLIP_PRETRAINED:-}" ]] && ARGS+=(--clip-pretrained "$CLIP_PRETRAINED")
 if [[ -n "${MANIFEST_ONLY:-}" ]]; then

@@ -68,7 +68,7 @@ def test_pruning_map_encode_decode_and_id(vq_dir, tmp_path):
     torch.testing.assert_close(tok.decode(ids), ref.clamp(-1, 1))
     # id: stable through save/load, changes with the map
     tid = tok.tokenizer_id
-    assert tid.startswith("tinyvq-")
+    assert tid.startswith("vqmodel-")  # kind + hash: the name is a label, not part of the identity
     tok.save(tmp_path / "t")
     loaded = ImageTokenizer.load(tmp_path / "t")
     assert loaded.tokenizer_id == tid and torch.equal(loaded.encode(x), ids)
@@ -122,3 +122,29 @@ def test_kmeans_tokenizer_is_recognisable(tmp_path):
     tok.save(tmp_path / "km")
     again = ImageTokenizer.load(tmp_path / "km")
     assert again.tokenizer_id == tok.tokenizer_id and torch.equal(again.encode(x), tok.encode(x))
+
+
+def test_identity_comes_from_weights_and_map_not_names(vq_dir, tmp_path):
+    """Copying or renaming a VQGAN directory keeps its id (extraction and eval compare ids); weights change it."""
+    import shutil
+
+    copy = tmp_path / "vqgan_copy"
+    shutil.copytree(vq_dir, copy)
+    bare = ImageTokenizer.load(vq_dir)
+    assert ImageTokenizer.load(copy).tokenizer_id == bare.tokenizer_id
+    assert VQModelTokenizer.from_diffusers(vq_dir, name="other label").tokenizer_id == bare.tokenizer_id
+    bare.resolution = 16
+    bare.save(tmp_path / "saved")
+    shutil.copytree(tmp_path / "saved", tmp_path / "moved")
+    moved = ImageTokenizer.load(tmp_path / "moved")
+    assert moved.tokenizer_id == bare.tokenizer_id and moved.resolution == 16
+    # what the id must still tell apart: another weight, another pruning map, another norm grouping
+    model = VQModel.from_pretrained(str(vq_dir))
+    with torch.no_grad():
+        model.decoder.conv_out.bias += 1e-3
+    assert VQModelTokenizer(model).tokenizer_id != bare.tokenizer_id
+    assert VQModelTokenizer.from_diffusers(vq_dir).fit_pruning_map(torch.arange(10)).tokenizer_id != bare.tokenizer_id
+    regrouped = VQModel.from_config({**VQModel.load_config(str(vq_dir)), "norm_num_groups": 16})
+    regrouped.load_state_dict(VQModel.from_pretrained(str(vq_dir)).state_dict())  # same tensors, other GroupNorm
+    assert not torch.equal(VQModelTokenizer(regrouped).encode(images()), bare.encode(images()))
+    assert VQModelTokenizer(regrouped).tokenizer_id != bare.tokenizer_id

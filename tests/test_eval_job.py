@@ -82,10 +82,11 @@ def test_vqd_eval_end_to_end(run_dir):
     ev = run_dir / "eval"
     assert sorted(p.name for p in ev.glob("*.json")) == ["10.json", "20.json"]  # step 30 is incomplete
     res = json.loads((ev / "20.json").read_text())
-    m = res["metrics"]
+    m, nm = res["metrics"], res["not_meaningful"]  # the random tiny CLIP's FID / CLIP score are kept apart
     assert res["step"] == 20 and res["samples_seen"] == 320 and res["num_samples"] == N
-    assert set(m) >= {"fid", "clip_score", "attr_color", "attr_shape", "attr_position", "attr_all"}
-    assert np.isfinite(m["fid"]) and m["fid"] >= 0 and 0 <= m["clip_score"] <= 100
+    assert set(m) == {"attr_color", "attr_shape", "attr_position", "attr_all"} and set(nm) == {"fid", "clip_score"}
+    assert set(res["metric_notes"]) == {"fid", "clip_score"} and "random `tiny` CLIP" in res["metric_notes"]["fid"]
+    assert np.isfinite(nm["fid"]) and nm["fid"] >= 0 and 0 <= nm["clip_score"] <= 100
     assert all(0 <= m[k] <= 1 for k in ("attr_color", "attr_shape", "attr_position", "attr_all"))
     # Grid: 4 samples of 16 px in a 2×2 grid with 2 px gutters → 38×38 RGB.
     png = np.asarray(Image.open(ev / "20.png"))
@@ -109,8 +110,8 @@ def test_vqd_eval_end_to_end(run_dir):
                                           torch.Generator().manual_seed(cfg.eval.seed * 1_000_003 + i // 4)).view(-1, 8, 8))
                       for i in range(0, N, 4)])
     fake, real = clip(imgs), clip(tok.decode(h.image_tokens))
-    assert m["fid"] == pytest.approx(M.fid_from_features(fake, real), rel=1e-5)
-    assert m["clip_score"] == pytest.approx(float(M.clip_score(fake, clip.text(h.captions)).mean()), rel=1e-5)
+    assert nm["fid"] == pytest.approx(M.fid_from_features(fake, real), rel=1e-5)
+    assert nm["clip_score"] == pytest.approx(float(M.clip_score(fake, clip.text(h.captions)).mean()), rel=1e-5)
     (ref,) = ev.glob("reference_*.npz")  # real-image statistics cached for later evaluator processes
     mu, sigma = M.load_stats(ref)
     assert np.allclose(mu, M.gaussian_stats(real)[0]) and np.allclose(sigma, M.gaussian_stats(real)[1])
@@ -122,7 +123,7 @@ def test_vqd_eval_end_to_end(run_dir):
     (run_dir / "checkpoints/step_00000030/complete.json").write_text(json.dumps({"step": 30, "samples_seen": 480}))
     M.save_stats(ref, mu + 1.0, sigma)  # a new process must read the cache, not recompute: shift its mean
     assert cli.main([str(run_dir), "--step", "30"]) == 0
-    assert json.loads((ev / "30.json").read_text())["metrics"]["fid"] > 0.9 * mu.size  # ≈ |Δμ|² = D
+    assert json.loads((ev / "30.json").read_text())["not_meaningful"]["fid"] > 0.9 * mu.size  # ≈ |Δμ|² = D
     assert (ev / "20.json").stat().st_mtime_ns == mtime
     # Weights that do not fit the model (a parameter missing) are refused, naming the checkpoint; no result.
     bad = run_dir / "checkpoints/step_00000040"
@@ -168,7 +169,33 @@ def test_reference_cache_keyed_by_content_not_only_keys(run_dir, tmp_path):
     assert any(np.allclose(M.load_stats(p)[0], mu) for p in (run / "eval").glob("reference_*.npz"))
 
 
-def test_cli_refusals(run_dir, tmp_path, capsys):
+def test_metrics_that_do_not_apply_print_no_numbers(run_dir, tmp_path, capsys):
+    """Real captions: no attr_*; random tiny CLIP: no FID / CLIP score among the metrics or on the console;
+    rerunning with other metrics says that results are kept and how to redo one (--force)."""
+    import shutil
+
+    import webdataset as wds
+    run = tmp_path / "run"  # steps 10 and 20 only (the end-to-end test may have added 30 and a bad 40)
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("eval", "step_00000030", "step_00000040"))
+    h = read_heldout(load_config(run / "config.yaml").eval.shards, N)
+    captions = [f"photo {i}: a man riding a bike at sunset" for i in range(N)]
+    with wds.TarWriter(str(tmp_path / "real.tar"), encoder=False) as sink:
+        for i in range(N):
+            sink.write(schema.encode_record(h.keys[i], h.image_tokens[i].numpy(), h.text_tokens[i].numpy(),
+                                            captions[i], {}))
+    assert cli.main([str(run), "--step", "10", "logging.wandb_mode=disabled", f"eval.shards={tmp_path}/real.tar"]) == 0
+    res = json.loads((run / "eval" / "10.json").read_text())
+    assert res["metrics"] == {} and set(res["not_meaningful"]) == {"fid", "clip_score"}
+    assert res["metric_notes"]["attributes"].startswith("not applicable")
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[eval step 10]"))
+    assert "fid: not meaningful" in line and "attributes: not applicable" in line and "=" not in line
+    assert cli.main([str(run), "--once", "logging.wandb_mode=disabled", "eval.metrics=[fid]",
+                     f"eval.shards={tmp_path}/real.tar"]) == 0  # evaluates step 20; step 10 is kept
+    out = capsys.readouterr().out
+    assert "step(s) 10 already have results for other metrics" in out and "--step 10 --force" in out
+    assert cli.main([str(run), "--once", "logging.wandb_mode=disabled", f"eval.shards={tmp_path}/real.tar"]) == 0
+    assert "step(s) 20 already" in capsys.readouterr().out  # only the step whose metrics differ is named
+
     assert cli.main([str(tmp_path)]) == 2
     assert "config.yaml not found" in capsys.readouterr().err
     assert cli.main([str(run_dir), "--step", "25"]) == 2
@@ -202,9 +229,9 @@ def test_two_ranks_give_the_single_process_numbers(run_dir, tmp_path):
     outs = run_eval_ranks([str(copies[1]), "--step", "20"])  # torchrun's variables, no launcher process
     one, two = (json.loads((d / "eval" / "20.json").read_text()) for d in copies)
     assert two["world_size"] == 2 and one["world_size"] == 1
-    assert two["metrics"].keys() == one["metrics"].keys()
-    for k, v in one["metrics"].items():
-        assert two["metrics"][k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
+    assert two["metrics"].keys() == one["metrics"].keys() and two["not_meaningful"].keys() == one["not_meaningful"].keys()
+    for k, v in {**one["metrics"], **one["not_meaningful"]}.items():
+        assert {**two["metrics"], **two["not_meaningful"]}[k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
     assert outs[0][0].count("[eval step 20]") == 1 and "[eval step 20]" not in outs[1][0]  # rank 0 writes
 
 

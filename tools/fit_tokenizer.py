@@ -29,6 +29,7 @@ def main(argv=None) -> None:
     torch.manual_seed(a.seed)
     images = synthetic_images(a.images, a.resolution, a.seed, a.two_object_prob)
     tok = KMeansTokenizer.fit(images, patch=a.patch, num_codes=a.codes, seed=a.seed, name=a.name)
+    tok.resolution = a.resolution  # vqd-extract's default --resolution
     tok.save(a.out)
     recon = tok.decode(tok.encode(images[:8]))
     mse = float(((recon - images[:8]) ** 2).mean())

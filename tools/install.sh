@@ -11,4 +11,7 @@ python -m pip install -q torch==2.13.0
 # schemas so `import open_clip` works (transforms only; no torchvision C op is used).
 python -m pip install -q --no-deps torchvision==0.28.0
 python -m pip install -q -c constraints.txt -e ".[${extras}]"
+# The tests run the real img2dataset (tests/test_img2dataset_e2e.py). It pins webdataset<0.3 but only
+# uses TarWriter, so it is installed without deps; setup.py's test extra lists its other requirements.
+if [[ ",${extras}," == *",test,"* ]]; then python -m pip install -q --no-deps img2dataset==1.47.0; fi
 python -c "import torch, vqd_scale; print('vqd_scale ready: torch', torch.__version__)"

@@ -33,6 +33,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     return a
 
 
+def _requested(result: dict) -> set[str]:
+    """eval.metrics a stored result was computed for (older results: read off its metric names)."""
+    if "requested_metrics" in result:
+        return set(result["requested_metrics"])
+    names = set(result.get("metrics", {})) | set(result.get("not_meaningful", {}))
+    return {"attributes" if k.startswith("attr_") else k for k in names}
+
+
+def force_hint(run_dir: Path, metrics: list[str], done: list[int]) -> str:
+    """A line naming kept results computed for other eval.metrics than this run's ("" when none)."""
+    import json
+
+    other = []
+    for p in sorted((run_dir / watch.EVAL_DIR).glob("*.json"), key=lambda q: (len(q.stem), q.stem)):
+        if not p.stem.isdigit() or int(p.stem) in done:
+            continue
+        try:
+            if _requested(json.loads(p.read_text())) != set(metrics):
+                other.append(p.stem)
+        except (OSError, ValueError):
+            continue
+    if not other:
+        return ""
+    return (f"vqd-eval: step(s) {', '.join(other)} already have results for other metrics than "
+            f"eval.metrics={list(metrics)}; each checkpoint is evaluated once, so they are kept. To re-evaluate "
+            f"one with these settings: vqd-eval {run_dir} --step {other[-1]} --force [overrides]")
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     run_dir = Path(a.run_dir)
@@ -81,6 +109,9 @@ def main(argv=None) -> int:
                 kept.replace(watch.result_path(run_dir, a.step))
     if ranks.is_main:
         print(f"vqd-eval: evaluated {len(done)} checkpoint(s): {done}", flush=True)
+        hint = force_hint(run_dir, cfg.eval.metrics, list(done)) if cfg.task == "vqd" and not a.force else ""
+        if hint:
+            print(hint, flush=True)
     return 0
 
 

@@ -16,8 +16,12 @@ def parse(argv=None) -> tuple[ExtractConfig, argparse.Namespace]:
     ap.add_argument("--inputs", required=True, help="braceexpand pattern, e.g. 'laion/{00000..01023}.tar'")
     ap.add_argument("--out-dir", required=True)
     ap.add_argument("--tokenizer", required=True, help="tokenizer directory (tools/fit_tokenizer.py output or a VQModel dir)")
-    ap.add_argument("--source", default=d.source, help="dataset name stored per sample (laion, cc15m, …)")
-    ap.add_argument("--resolution", type=int, default=d.resolution)
+    ap.add_argument("--source", default=d.source,
+                    help="dataset name stored per sample (laion, cc15m, …); default: the inputs' folder name")
+    ap.add_argument("--resolution", type=int, default=d.resolution,
+                    help="image side in pixels; default: the resolution the tokenizer was prepared for")
+    ap.add_argument("--min-image-size", type=int, default=d.min_size,
+                    help="skip (and count as too_small) images whose original shorter side is below this")
     ap.add_argument("--no-center-crop", action="store_true", help="squash to a square instead of centre-cropping")
     ap.add_argument("--batch-size", type=int, default=d.batch_size)
     ap.add_argument("--num-workers", type=int, default=d.num_workers, help="image-decoding DataLoader workers")
@@ -28,11 +32,12 @@ def parse(argv=None) -> tuple[ExtractConfig, argparse.Namespace]:
     ap.add_argument("--task-index", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_ID", 0)))
     ap.add_argument("--num-tasks", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1)))
     ap.add_argument("--fail-on-invalid-shard", action="store_true",
-                    help="exit with status 2 when a shard had no valid sample or was unreadable")
+                    help="exit with status 2 when a shard had no valid sample, was unreadable or truncated")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     cfg = ExtractConfig(inputs=a.inputs, out_dir=a.out_dir, tokenizer=a.tokenizer, source=a.source,
-                        resolution=a.resolution, center_crop=not a.no_center_crop, batch_size=a.batch_size,
+                        resolution=a.resolution, center_crop=not a.no_center_crop, min_size=a.min_image_size,
+                        batch_size=a.batch_size,
                         num_workers=a.num_workers, device=a.device, text_tokenizer=a.text_tokenizer,
                         clip_model=a.clip_model, clip_pretrained=a.clip_pretrained, task_index=a.task_index,
                         num_tasks=a.num_tasks, progress=not a.no_progress)
@@ -54,11 +59,17 @@ def main(argv=None) -> int:
         logging.error("vqd-extract: %s", e)
         return 2
     print(f"manifest: {m['totals']} shards={len(m['shards'])} failed={m['num_failed_shards']} "
-          f"missing={len(m['missing_inputs'])} pending={len(m['pending_inputs'])} tokenizer={m['tokenizer_id']}")
+          f"truncated={len(m['truncated_shards'])} missing={len(m['missing_inputs'])} "
+          f"pending={len(m['pending_inputs'])} source={m['source']} resolution={m['resolution']} "
+          f"tokenizer={m['tokenizer_id']}")
     if m["num_failed_shards"]:
         logging.error("%d shard(s) had no valid sample: %s", m["num_failed_shards"], m["failed_shards"])
-        if a.fail_on_invalid_shard:
-            return 2
+    if m["truncated_shards"]:
+        logging.error("%d input shard(s) are truncated (samples after the cut are lost; %s known lost): %s — "
+                      "download them again; a rerun redoes replaced inputs", len(m["truncated_shards"]),
+                      m["totals"].get("lost_samples", 0), m["truncated_shards"])
+    if a.fail_on_invalid_shard and (m["num_failed_shards"] or m["truncated_shards"]):
+        return 2
     return 0
 
 

@@ -1,11 +1,13 @@
 """Offline pre-extraction: img2dataset shards → token shards, one output per input, done-markers, manifest.
 
 Per input shard `NNNNN.tar` the output dir gets `NNNNN.tar` (written as a temp file, then renamed)
-and `NNNNN.done.json` (written last: counts written / skipped by reason). A rerun skips shards whose
-marker exists and redoes half-written ones. `manifest.json` aggregates every marker in the dir.
+and `NNNNN.done.json` (written last: counts written / skipped by reason, and the input's size and
+mtime). A rerun skips shards whose marker exists and whose input is unchanged, and redoes
+half-written ones and replaced inputs. `manifest.json` aggregates every marker in the dir.
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import logging
@@ -25,7 +27,7 @@ import numpy as np
 import torch
 
 from vqd_scale.data import schema
-from vqd_scale.data.inputs import TRUNCATED, UNREADABLE, ShardSamples
+from vqd_scale.data.inputs import TRUNCATED, UNREADABLE, ShardSamples, expected_samples
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +38,10 @@ class ExtractConfig:
     inputs: str = ""  # braceexpand pattern(s) of img2dataset shards, several joined with '::'
     out_dir: str = ""
     tokenizer: str = ""  # tokenizer directory (ImageTokenizer.load)
-    source: str = "synthetic"  # dataset name recorded per sample, e.g. laion, cc15m
-    resolution: int = 64
+    source: str = ""  # dataset name recorded per sample, e.g. laion, cc15m; "" = the inputs' folder name
+    resolution: Optional[int] = None  # None = the resolution the tokenizer was prepared for
     center_crop: bool = True
+    min_size: int = 32  # images whose original shorter side is below this are skipped (tracking pixels)
     batch_size: int = 64
     num_workers: int = 0
     device: str = "cpu"  # cpu | cuda (bf16 autocast on GPU)
@@ -98,11 +101,12 @@ def extract_shard(cfg: ExtractConfig, input_path: str, tokenizer, tokenize, embe
     final = out_dir / output_name(input_path)
     tmp = final.with_name(f"{final.name}.tmp.{socket.gethostname()}.{os.getpid()}")  # owner: see _is_stale
     t0 = time.time()
+    fingerprint = input_fingerprint(input_path)  # before reading: a file replaced meanwhile is redone next run
     skipped: Counter = Counter()
-    written = seen = 0
+    written = seen = lost = 0
     device = torch.device(cfg.device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    loader = torch.utils.data.DataLoader(ShardSamples(input_path, cfg.resolution, cfg.center_crop),
+    loader = torch.utils.data.DataLoader(ShardSamples(input_path, cfg.resolution, cfg.center_crop, cfg.min_size),
                                          batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                                          collate_fn=_collate, worker_init_fn=partial(_die_with_parent, os.getpid()))
     h, w = tokenizer.token_shape(cfg.resolution)
@@ -114,6 +118,10 @@ def extract_shard(cfg: ExtractConfig, input_path: str, tokenizer, tokenize, embe
                     good.append(r)
                 else:
                     skipped[r["skip"]] += 1
+                    if r["skip"] == TRUNCATED:  # lost stays None (unknown) without img2dataset's stats file
+                        lost = None if r.get("lost") is None or lost is None else lost + r["lost"]
+                        log.error("input shard %s is truncated after %s: %s (samples lost: %s)", input_path,
+                                  r["key"], r.get("error"), "unknown" if r.get("lost") is None else r["lost"])
                 seen += r["skip"] not in (UNREADABLE, TRUNCATED)  # shard-level events are not samples
             if not good:
                 continue
@@ -135,6 +143,7 @@ def extract_shard(cfg: ExtractConfig, input_path: str, tokenizer, tokenize, embe
     os.replace(tmp, final)
     marker = {"input": str(input_path), "output": final.name, "written": written,
               "skipped": dict(sorted(skipped.items())), "input_samples": seen,
+              "expected_samples": expected_samples(input_path), "lost_samples": lost, **fingerprint,
               "tokenizer_id": tokenizer.tokenizer_id, "num_classes": tokenizer.num_classes,
               "token_shape": [h, w], "seconds": round(time.time() - t0, 3),
               "all_invalid": written == 0}
@@ -148,7 +157,7 @@ def write_manifest(cfg: ExtractConfig, tokenizer, inputs: list[str], embed_dim: 
                    embedding_model: Optional[dict] = None) -> dict:
     """Aggregate every done-marker of the expected outputs into out_dir/manifest.json (atomic)."""
     out_dir = Path(cfg.out_dir)
-    shards, totals, failed, pending = [], Counter(), [], []
+    shards, totals, failed, pending, truncated, changed = [], Counter(), [], [], [], []
     missing = [p for p in inputs if not _exists(p)]
     for p in inputs:
         if p in missing:
@@ -158,6 +167,10 @@ def write_manifest(cfg: ExtractConfig, tokenizer, inputs: list[str], embed_dim: 
             pending.append(Path(p).name)
             continue
         m = json.loads(mpath.read_text())
+        if input_changed(p, m):  # replaced since its extraction: its output is stale until redone
+            pending.append(Path(p).name)
+            changed.append(Path(p).name)
+            continue
         if m.get("tokenizer_id") != tokenizer.tokenizer_id:
             raise ValueError(f"{mpath} was written with tokenizer {m.get('tokenizer_id')}, not "
                              f"{tokenizer.tokenizer_id}; extract into a fresh --out-dir")
@@ -165,8 +178,12 @@ def write_manifest(cfg: ExtractConfig, tokenizer, inputs: list[str], embed_dim: 
         totals["written"] += m["written"]
         for k, v in m["skipped"].items():
             totals[f"skipped_{k}"] += v
+        if m.get("lost_samples"):
+            totals["lost_samples"] += m["lost_samples"]
         if m["all_invalid"]:
             failed.append(m["output"])
+        if m["skipped"].get(TRUNCATED):
+            truncated.append(m["output"])
     h, w = tokenizer.token_shape(cfg.resolution)
     manifest = {
         "format": schema.FORMAT, "tokenizer_id": tokenizer.tokenizer_id, "tokenizer_kind": tokenizer.kind,
@@ -174,11 +191,51 @@ def write_manifest(cfg: ExtractConfig, tokenizer, inputs: list[str], embed_dim: 
         "center_crop": cfg.center_crop, "text_tokenizer": f"open_clip:{cfg.text_tokenizer}",
         "context_length": 77, "embed_dim": embed_dim, "embedding_model": embedding_model,
         "source": cfg.source, "shards": shards, "totals": dict(sorted(totals.items())),
-        "num_failed_shards": len(failed), "failed_shards": failed, "missing_inputs": missing,
-        "pending_inputs": pending, "complete": not pending,
+        "num_failed_shards": len(failed), "failed_shards": failed, "truncated_shards": truncated,
+        "missing_inputs": missing, "changed_inputs": changed, "pending_inputs": pending, "complete": not pending,
     }
     schema.write_json_atomic(out_dir / schema.MANIFEST, manifest)
     return manifest
+
+
+def input_fingerprint(path: str) -> dict:
+    """Size and mtime of a local input (recorded in its done-marker); {} for remote inputs."""
+    if not Path(path).exists():
+        return {}
+    st = os.stat(path)
+    return {"input_size": st.st_size, "input_mtime_ns": st.st_mtime_ns}
+
+
+def input_changed(path: str, marker: dict) -> str:
+    """How the input differs from when `marker` was written ("" = unchanged, or not recorded)."""
+    now = input_fingerprint(path)
+    diffs = [f"{k[6:]} {marker[k]} → {v}" for k, v in now.items() if k in marker and marker[k] != v]
+    return ", ".join(diffs)
+
+
+def derive_source(inputs: list[str]) -> str:
+    """The inputs' folder name ('/data/laion/{00000..00099}.tar' → 'laion') when they share one."""
+    names = {Path(p).parent.name for p in inputs}
+    if len(names) != 1 or not min(names):
+        raise ValueError(f"set --source to the dataset name stored with every record (laion, cc15m, …): "
+                         f"the inputs lie in folders named {sorted(names)}, so none can stand for it")
+    return names.pop()
+
+
+def resolve_defaults(cfg: ExtractConfig, tokenizer, inputs: list[str]) -> ExtractConfig:
+    """Fill resolution (the tokenizer's) and source (the inputs' folder name) when not given."""
+    res = cfg.resolution if cfg.resolution is not None else tokenizer.resolution
+    if res is None:
+        raise ValueError(f"set --resolution: the tokenizer {cfg.tokenizer} records none (a bare diffusers VQModel "
+                         f"directory?); pass the image side, e.g. --resolution 256, or prepare the tokenizer with "
+                         f"tools/prepare_tokenizer.py, which records it")
+    if tokenizer.resolution is not None and res != tokenizer.resolution:
+        log.warning("--resolution %d differs from the %d px the tokenizer was prepared for", res, tokenizer.resolution)
+    source = cfg.source
+    if not source:
+        source = derive_source(inputs)
+        log.info("source %r (the inputs' folder name; --source sets another)", source)
+    return dataclasses.replace(cfg, resolution=int(res), source=source)
 
 
 def _exists(p: str) -> bool:
@@ -213,9 +270,10 @@ def run_extract(cfg: ExtractConfig, embedder=None) -> dict:
     if not 0 <= cfg.task_index < cfg.num_tasks:
         raise ValueError(f"task index {cfg.task_index} not in [0, num_tasks={cfg.num_tasks})")
     inputs = expand_inputs(cfg.inputs)
-    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     tokenizer = ImageTokenizer.load(cfg.tokenizer, device=cfg.device)
+    cfg = resolve_defaults(cfg, tokenizer, inputs)
     tokenizer.token_shape(cfg.resolution)  # fail fast on a resolution the tokenizer cannot split
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     tokenize = text_tokenizer(cfg.text_tokenizer)
     mine = [p for i, p in enumerate(inputs) if i % cfg.num_tasks == cfg.task_index]
     missing = [p for p in mine if not _exists(p)]
@@ -227,8 +285,12 @@ def run_extract(cfg: ExtractConfig, embedder=None) -> dict:
     todo = [p for p in mine if p not in missing]
     for p in tqdm(todo, desc=f"extract task {cfg.task_index}/{cfg.num_tasks}", disable=not cfg.progress):
         final = Path(cfg.out_dir) / output_name(p)
-        if schema.done_marker_path(final).exists() and final.exists():
-            continue  # finished by an earlier run
+        marker = schema.done_marker_path(final)
+        if marker.exists() and final.exists():
+            changed = input_changed(p, json.loads(marker.read_text()))
+            if not changed:
+                continue  # finished by an earlier run
+            log.warning("input %s changed since it was extracted (%s): extracting it again", p, changed)
         for tmp in final.parent.glob(final.name + ".tmp*"):  # half-written by a killed run
             if _is_stale(tmp, final.name):
                 tmp.unlink(missing_ok=True)

@@ -118,3 +118,19 @@ def read_manifest(path: str | os.PathLike) -> dict:
     if m.get("format") != FORMAT:
         raise ValueError(f"{p}: format {m.get('format')!r} is not {FORMAT!r}; re-extract with this version")
     return m
+
+
+def source_manifest_path(pattern: str, fallback: Optional[str] = None) -> Optional[str]:
+    """The manifest describing a source's shards, as the loader picks it: `manifest.json` beside its first
+    existing shard, else `fallback` (data.manifest); None when no shard exists and there is no fallback."""
+    import braceexpand
+
+    for part in pattern.split("::"):
+        for shard in braceexpand.braceexpand(part.strip()) if part.strip() else []:
+            if "://" in shard or shard.startswith("pipe:"):
+                return fallback or str(Path(shard).parent / MANIFEST)
+            if Path(shard).exists():
+                beside = Path(shard).parent / MANIFEST
+                return str(beside) if beside.exists() or not fallback else fallback
+    return fallback
+

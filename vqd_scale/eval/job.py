@@ -128,6 +128,7 @@ class Evaluator:
         self._load_text_tower()
         self.task.module.to(self.r.device).eval().requires_grad_(False)
         self.tokenizer = self.clip = self.features = None
+        self.notes: dict[str, str] = {}  # requested metrics that would mean nothing here → why (not reported)
         self._ref: Optional[tuple] = None
         self._wandb = None
         # bf16 autocast for the transformer on GPU (as training's precision=auto); exact fp32 on CPU
@@ -197,6 +198,10 @@ class Evaluator:
             raise ValueError(f"eval.num_samples={len(self.heldout)} in batches of eval.sampler.batch_size="
                              f"{e.sampler.batch_size} gives {n_chunks} batches for {self.r.world} ranks; lower "
                              "the batch size or the number of ranks")
+        self.notes = M.metric_notes(e.metrics, self.heldout.captions, e.feature_extractor, e.clip_model,
+                                    e.clip_weights)
+        for name, why in self.notes.items() if self.r.is_main else ():
+            print(f"vqd-eval: {name} is {why} (kept out of the metrics)", flush=True)
         if "clip_score" in e.metrics or ("fid" in e.metrics and e.feature_extractor == "clip"):
             self.clip = M.ClipFeatures(e.clip_model, e.clip_weights).to(self.r.device)
         if "fid" in e.metrics:
@@ -212,12 +217,15 @@ class Evaluator:
         which = "ema" if (Path(ckpt_dir) / EMA_FILE).exists() else "model"
         self._load(load_weights(ckpt_dir, which), ckpt_dir)
         start = time.monotonic()
-        metrics, grid = self._vqd() if self.cfg.task == "vqd" else self._prior()
+        computed, grid = self._vqd() if self.cfg.task == "vqd" else self._prior()
         seconds = time.monotonic() - start
+        # numbers of metrics that mean nothing here are kept apart, labelled, never shown as metrics
+        metrics = {k: v for k, v in computed.items() if k not in self.notes}
         result = {"step": step, "samples_seen": info.get("samples_seen"), "task": self.cfg.task,
                   "checkpoint": str(ckpt_dir), "weights": which, "num_samples": len(self.heldout),
                   "world_size": self.r.world, "seconds": seconds, "autocast": str(self.autocast),
-                  "time": time.time(), "metrics": metrics,
+                  "time": time.time(), "metrics": metrics, "requested_metrics": list(self.cfg.eval.metrics),
+                  "not_meaningful": {k: v for k, v in computed.items() if k in self.notes}, "metric_notes": self.notes,
                   "sampler": self._sampler_settings(),
                   "feature_extractor": self.cfg.eval.feature_extractor, "clip_model": self.cfg.eval.clip_model}
         if self.r.is_main:
@@ -263,7 +271,7 @@ class Evaluator:
                 feats.append((img_emb if self.features is self.clip else self.features(images)).double().cpu())
             if "clip_score" in e.metrics:
                 clip_rows.append(M.clip_score(img_emb, self.clip.text(captions)).double().cpu())
-            if "attributes" in e.metrics:
+            if "attributes" in e.metrics and "attributes" not in self.notes:
                 attr_rows.append(M.attribute_hits(captions, images.cpu()))
             if self.r.is_main and sum(map(len, grid)) < e.grid_size:
                 grid.append(images.cpu())
@@ -335,7 +343,8 @@ class Evaluator:
         except Exception as err:  # a plot must never lose an evaluation that is already written
             log.warning("curves.png not updated: %s", err)
         self._log_wandb(step, result, png)
-        summary = " ".join(f"{k}={v:.4g}" for k, v in result["metrics"].items() if isinstance(v, float))
+        summary = " ".join([f"{k}={v:.4g}" for k, v in result["metrics"].items() if isinstance(v, float)] +
+                           [f"{k}: {why.split(':')[0]}" for k, why in result["metric_notes"].items()])
         print(f"[eval step {step}] {summary} ({result['seconds']:.1f}s)", flush=True)
 
     def _log_wandb(self, step: int, result: dict, png: Optional[Path]) -> None:

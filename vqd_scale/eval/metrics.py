@@ -199,6 +199,34 @@ def clip_score(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
 ATTRIBUTE_KEYS = ("objects", "color", "shape", "position", "count", "all")
 
 
+def is_random_clip(clip_model: str, clip_weights: Optional[str]) -> bool:
+    """The `tiny` tower without weights: random features, so FID / CLIP score on it measure nothing."""
+    return clip_model == "tiny" and not clip_weights
+
+
+def synthetic_captions(captions: Sequence[str]) -> bool:
+    """True when every caption is one tools/make_synthetic.py writes: attribute accuracy parses only those."""
+    from vqd_scale.data.synthetic import caption_attributes, caption_of
+
+    return bool(captions) and all(caption_of(caption_attributes(c)["objects"]) == c.strip() for c in captions)
+
+
+def metric_notes(metrics: Sequence[str], captions: Sequence[str], feature_extractor: str, clip_model: str,
+                 clip_weights: Optional[str]) -> dict[str, str]:
+    """Requested metrics that would print a number that means nothing → why (they are not reported as metrics)."""
+    notes = {}
+    if "attributes" in metrics and not synthetic_captions(captions):
+        notes["attributes"] = ("not applicable: the held-out captions are not synthetic ones (attribute accuracy "
+                               "parses tools/make_synthetic.py captions); drop 'attributes' from eval.metrics")
+    if is_random_clip(clip_model, clip_weights):
+        why = ("not meaningful: computed with the random `tiny` CLIP tower (eval.clip_model=tiny without "
+               "eval.clip_weights), which exercises the pipeline only; set eval.clip_model/clip_weights to real CLIP")
+        for name in ("clip_score",) + (("fid",) if feature_extractor == "clip" else ()):
+            if name in metrics:
+                notes[name] = why
+    return notes
+
+
 def attribute_hits(captions: Sequence[str], images: torch.Tensor) -> torch.Tensor:
     """Per-sample rows F[B,6] = (caption objects, colour hits, shape hits, position hits, count right,
     all right), from the synthetic-data heuristics; rows from several ranks add up (`attribute_summary`)."""

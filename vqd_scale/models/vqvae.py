@@ -1,8 +1,9 @@
 """Image tokenizers (diffusers VQModel, patch k-means) with the codebook pruning map they own.
 
 Both kinds share one interface: `encode(images F[B,3,H,W] in [-1,1]) -> Long[B,h,w]` compact ids,
-`decode(ids) -> F[B,3,H,W]`, `num_classes` (K after pruning), `tokenizer_id` (name + hash of
-config, weights and pruning map). Pruning is applied by quantising against the kept codebook rows
+`decode(ids) -> F[B,3,H,W]`, `num_classes` (K after pruning), `tokenizer_id` (kind + hash of the
+weights, the pruning map and the few settings that change the computation without changing a
+weight's shape; never the name or folder, so a copied directory keeps its id). Pruning is applied by quantising against the kept codebook rows
 only, so an encoded id is always a valid compact id (the released VQ-Diffusion crash came from
 ids outside the map). `ImageTokenizer.load(dir)` picks the kind from `tokenizer.json`.
 """
@@ -27,7 +28,8 @@ class ImageTokenizer:
     kind = "base"
 
     def __init__(self, name: str, keep: Optional[torch.Tensor] = None):
-        self.name = name
+        self.name = name  # a label for people; not part of the id
+        self.resolution: Optional[int] = None  # image side it was prepared for (extraction's default)
         n = self.codebook().shape[0]
         self.keep = torch.arange(n) if keep is None else torch.as_tensor(keep, dtype=torch.long).cpu()
         self._id: Optional[str] = None
@@ -48,6 +50,10 @@ class ImageTokenizer:
 
     def config(self) -> dict:
         """Kind-specific JSON config (written to tokenizer.json)."""
+        raise NotImplementedError
+
+    def identity_config(self) -> dict:
+        """Settings that change encode/decode but no weight shape (hashed into tokenizer_id with the weights)."""
         raise NotImplementedError
 
     def weight_tensors(self) -> dict[str, torch.Tensor]:
@@ -81,14 +87,14 @@ class ImageTokenizer:
 
     @property
     def tokenizer_id(self) -> str:
-        """name + hash of config, weights and pruning map (recorded in every shard and manifest)."""
+        """kind + hash of weights, pruning map and identity_config (recorded in every shard and manifest)."""
         if self._id is None:
-            h = hashlib.sha256(json.dumps({"kind": self.kind, **self.config()}, sort_keys=True).encode())
+            h = hashlib.sha256(json.dumps({"kind": self.kind, **self.identity_config()}, sort_keys=True).encode())
             for k, v in sorted(self.weight_tensors().items()):
-                h.update(k.encode())
+                h.update(f"{k}{tuple(v.shape)}".encode())
                 h.update(v.detach().cpu().float().contiguous().numpy().tobytes())
             h.update(self.keep.numpy().astype(np.int64).tobytes())
-            self._id = f"{self.name}-{h.hexdigest()[:12]}"
+            self._id = f"{self.kind}-{h.hexdigest()[:12]}"
         return self._id
 
     def downsample(self) -> int:
@@ -146,7 +152,8 @@ class ImageTokenizer:
         p.mkdir(parents=True, exist_ok=True)
         self._save_weights(p)
         save_file({"keep": self.keep.contiguous()}, str(p / PRUNING_FILE))
-        meta = {"kind": self.kind, "name": self.name, "tokenizer_id": self.tokenizer_id, **self.config()}
+        meta = {"kind": self.kind, "name": self.name, "tokenizer_id": self.tokenizer_id,
+                "resolution": self.resolution, **self.config()}
         (p / TOKENIZER_JSON).write_text(json.dumps(meta, indent=1, sort_keys=True))
         return p
 
@@ -167,10 +174,13 @@ class ImageTokenizer:
         tok = TOKENIZERS[kind]._load(p, meta)
         tok.keep = load_file(str(p / PRUNING_FILE))["keep"].long() if (p / PRUNING_FILE).exists() else tok.keep
         tok._check_keep()
+        tok.resolution = meta.get("resolution")
         saved = meta.get("tokenizer_id")
         if saved and saved != tok.tokenizer_id:
             raise ValueError(f"{p}: weights/pruning map hash to {tok.tokenizer_id} but tokenizer.json says {saved}; "
-                             f"the directory was modified — re-save it or restore the original files")
+                             f"the directory was modified (restore the original files), or it was saved by an "
+                             f"older vqd_scale whose ids included the name (re-save it with ImageTokenizer.save "
+                             f"and re-extract its token shards)")
         return tok.to(device)
 
     def to(self, device: str | torch.device) -> "ImageTokenizer":
@@ -232,6 +242,10 @@ class VQModelTokenizer(ImageTokenizer):
 
     def config(self) -> dict:
         return {"model_config": {k: v for k, v in dict(self.model.config).items() if not k.startswith("_")}}
+
+    def identity_config(self) -> dict:
+        c = self.model.config  # the rest of the config is either shape (in the weights) or unused here
+        return {k: c.get(k) for k in ("act_fn", "norm_num_groups", "norm_type")}
 
     def weight_tensors(self) -> dict[str, torch.Tensor]:
         return dict(self.model.state_dict())
@@ -299,6 +313,9 @@ class KMeansTokenizer(ImageTokenizer):
         return self.patch
 
     def config(self) -> dict:
+        return {"patch": self.patch}
+
+    def identity_config(self) -> dict:
         return {"patch": self.patch}
 
     def weight_tensors(self) -> dict[str, torch.Tensor]:

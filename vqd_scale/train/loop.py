@@ -33,20 +33,31 @@ class TrainState:
 
 
 def resolve_data_dependent(cfg: RunConfig) -> RunConfig:
-    """Fill model.num_classes / height / width from the token manifest and check the tokenizer id."""
-    if cfg.task != "vqd" or cfg.data.manifest is None:
-        if cfg.task == "vqd" and cfg.model.num_classes < 2:
-            raise ValueError("model.num_classes is 0 and data.manifest is unset: set data.manifest to the "
-                             "token manifest written by vqd-extract, or model.num_classes explicitly")
+    """Fill model.num_classes from the token manifests (beside each source's shards, else data.manifest),
+    which must agree on tokenizer, K and grid; check the tokenizer id and the model's grid against them."""
+    if cfg.task != "vqd":
         return cfg
-    from vqd_scale.data.schema import read_manifest
-    m = read_manifest(cfg.data.manifest)
+    from vqd_scale.data.schema import read_manifest, source_manifest_path
+    found = [(sc.name, p) for sc in cfg.data.sources if (p := source_manifest_path(sc.shards, cfg.data.manifest))]
+    if not found:
+        if cfg.model.num_classes < 2:
+            raise ValueError("model.num_classes is 0 and no token manifest was found (no shard of data.sources "
+                             "exists and data.manifest is unset): point data.sources at shards written by "
+                             "vqd-extract (manifest.json lies beside them), or set model.num_classes explicitly")
+        return cfg
+    named = [(name, path, read_manifest(path)) for name, path in found]
+    name0, path0, m = named[0]
+    for name, path, other in named[1:]:
+        for k in ("tokenizer_id", "num_classes", "token_shape"):
+            if other.get(k) != m.get(k):
+                raise ValueError(f"data source {name!r} ({path}) has {k}={other.get(k)} but source {name0!r} "
+                                 f"({path0}) has {m.get(k)}; extract every source with the same tokenizer and resolution")
     if cfg.data.tokenizer_id and m.get("tokenizer_id") != cfg.data.tokenizer_id:
-        raise ValueError(f"data.tokenizer_id={cfg.data.tokenizer_id!r} but the manifest {cfg.data.manifest} was "
+        raise ValueError(f"data.tokenizer_id={cfg.data.tokenizer_id!r} but the manifest {path0} was "
                          f"extracted with {m.get('tokenizer_id')!r}; re-extract or fix data.tokenizer_id")
     K, (h, w) = int(m["num_classes"]), m["token_shape"]
     if cfg.model.num_classes not in (0, K):
-        raise ValueError(f"model.num_classes={cfg.model.num_classes} but the token manifest says K={K}; "
+        raise ValueError(f"model.num_classes={cfg.model.num_classes} but the token manifest {path0} says K={K}; "
                          "set model.num_classes=0 to take it from the manifest")
     if (cfg.model.height, cfg.model.width) != (h, w):
         raise ValueError(f"model.height/width = {cfg.model.height}x{cfg.model.width} but the tokens are {h}x{w}; "
