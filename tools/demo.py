@@ -67,7 +67,7 @@ def prepare_data(out: Path, per_shard: int = 512, t0: float = 0.0) -> None:
     stage("3/5 token extraction (vqd-extract)", t0)
     sh(py, "-m", "vqd_scale.cli.extract", "--inputs", str(out / "raw" / f"{{00000..{last}}}.tar"),
        "--out-dir", str(out / "tokens"), "--tokenizer", str(out / "tokenizer"), "--resolution", str(RES),
-       "--no-progress")
+       "--source", "synthetic", "--no-progress")
 
 
 def train(data: Path, run_dir: Path, max_samples: int, overrides: list[str] = (), quiet: bool = False) -> None:
