@@ -40,9 +40,10 @@ def main(argv=None) -> int:
     if config is not None and "=" in config:  # `vqd-train key=value ...` without a file
         overrides.insert(0, config)
         config = None
-    from vqd_scale.config import ConfigError, load_config
+    from vqd_scale.config import ConfigError
+    from vqd_scale.launch.jobargs import load_config_checked
     try:
-        cfg = load_config(config or DEFAULT_CONFIG, overrides)
+        cfg = load_config_checked(config or DEFAULT_CONFIG, overrides)
         from vqd_scale.train.loop import run
         code = run(cfg, resume=args.resume, init_from=args.init_from)
     except (ConfigError, ValueError, FileNotFoundError) as e:
