@@ -245,3 +245,24 @@ def test_cli_bad_config_yaml_is_one_line(tmp_path, capsys):
     assert main([str(tmp_path), "--once", "--config", str(tmp_path / "bad.yaml")]) == 2
     err = capsys.readouterr().err.strip()
     assert "YAML syntax error" in err and "line" in err and len(err.splitlines()) == 1, err
+
+
+def test_two_evaluators_get_two_wandb_runs_a_requeued_one_continues_its_own(run_dir, monkeypatch):
+    """Two watchers of one run wrote two offline wandb runs with the same id (syncing them loses one's
+    history): one run per evaluator job, one group per run directory, same run after a requeue."""
+    import types
+    from vqd_scale.eval.job import Evaluator
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    (run_dir / "eval").mkdir()
+    runs = []
+    for job, restart in (("101", "0"), ("102", "0"), ("101", "1")):  # watcher, second watcher, 101 requeued
+        monkeypatch.setenv("SLURM_JOB_ID", job)
+        monkeypatch.setenv("SLURM_RESTART_COUNT", restart)
+        ev = types.SimpleNamespace(cfg=RunConfig(max_samples=1000), run_dir=run_dir, _wandb=None)
+        Evaluator._log_wandb(ev, 100, {"metrics": {"fid": 1.0}}, None)  # the real method, on a stand-in self
+        runs.append((ev._wandb.id, ev._wandb.group))
+        Evaluator.close(ev)
+    (id1, g1), (id2, g2), (id3, g3) = runs
+    assert id1 != id2 and id3 == id1 and g1 == g2 == g3
+    written = {p.name.split("-", 3)[3] for p in (run_dir / "eval" / "wandb").glob("offline-run-*")}
+    assert written == {id1, id2}

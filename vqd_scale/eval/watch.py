@@ -11,6 +11,7 @@ idempotent. A watcher started before its training job waits for the run to appea
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -127,6 +128,17 @@ def claim_next(run_dir: str | os.PathLike, stale_seconds: float,
         if try_claim(run_dir, step, stale_seconds):
             return step, path
     return None
+
+
+def wandb_run(run_dir: str | os.PathLike) -> tuple[str, str]:
+    """(id, group) of this evaluator's wandb run. Evaluators of one run directory (two watchers, a
+    watcher and an afterok job) must not share an id: each writes its own offline run, and syncing
+    two into one id drops the second's history. So one run per evaluator job, grouped per run
+    directory; a requeued SLURM job keeps its job id and continues its own run."""
+    group = "vqd-" + hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:12] + "-eval"
+    job = os.environ.get("SLURM_JOB_ID")
+    who = job if job and job.isdigit() else hashlib.sha1(f"{socket.gethostname()}:{os.getpid()}".encode()).hexdigest()[:8]
+    return f"{group}-{who}", group
 
 
 def run_appeared(run_dir: str | os.PathLike) -> bool:
