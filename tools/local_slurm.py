@@ -103,7 +103,7 @@ def render_conf(root: Path, nodes: list[str], cpus: int, ctld_port: int, node_po
         "SchedulerParameters=batch_sched_delay=0,sched_min_interval=0,sched_interval=1,bf_interval=1",
         "DependencyParameters=kill_invalid_depend",
         "JobRequeue=1",
-        "KillWait=10",
+        "KillWait=30",  # SLURM's default: time from SIGTERM to SIGKILL (a cancelled job's ranks save in it)
         "MinJobAge=600",  # keep finished jobs visible to `scontrol show job` for the tests
         "InactiveLimit=0",
         "SlurmdTimeout=60",
