@@ -32,6 +32,19 @@ def test_overrides_with_spaces_from_a_file_or_quoted(tmp_path):
         split_words("'data.sources=[", "OVERRIDES")
 
 
+def test_check_before_queueing(tmp_path):
+    """What the job checks first, run by hand before sbatch (README)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RUN_DIR", "OVERRIDES", "OVERRIDES_FILE")}
+    cmd = [sys.executable, "-m", "vqd_scale.launch.jobargs", "check"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60,
+                       env=dict(env, CONFIG="configs/tiny.yaml", OVERRIDES=f"optim.lr=3e-4 '{SOURCES}'"))
+    assert r.returncode == 0 and r.stdout.splitlines() == [
+        "ok: configs/tiny.yaml with 2 override(s), run_dir runs/tiny", "optim.lr=3e-4", SOURCES], r
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60,
+                       env=dict(env, CONFIG="configs/tiny.yaml", OVERRIDES="optim.bogus=1"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "bogus" in r.stderr, r.stderr
+
+
 def _script(script: str, tmp_path, **env: str) -> subprocess.CompletedProcess:
     """Run a batch script with bash outside SLURM (its checks come first), from the repository root."""
     e = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in ("RUN_DIR", "OVERRIDES")}

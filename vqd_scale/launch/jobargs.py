@@ -2,10 +2,12 @@
 
     python -m vqd_scale.launch.jobargs train CONFIG    # env RUN_DIR, OVERRIDES, OVERRIDES_FILE
     python -m vqd_scale.launch.jobargs split NAME      # the words of the environment variable NAME
+    python -m vqd_scale.launch.jobargs check [CONFIG]  # `train` for a person, before sbatch (CONFIG or $CONFIG)
 
 `train` loads and validates CONFIG with the overrides (and RUN_DIR, when set, as a last `run_dir=`)
 and writes the run directory followed by the overrides; `split` writes the words. Words are NUL-terminated
-(bash: `mapfile -d '' -t ARR < file`). On a user error it prints one line and exits 2.
+(bash: `mapfile -d '' -t ARR < file`); `check` prints them one per line. On a user error it prints
+one line and exits 2.
 
 Overrides come from OVERRIDES_FILE (one override per line, verbatim as on the vqd-train command
 line; blank lines and lines starting with # are skipped), then OVERRIDES, which is split like a
@@ -75,18 +77,23 @@ def train_args(config: str, env: Mapping[str, str]) -> list[str]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2 or argv[0] not in ("train", "split"):
-        print(__doc__.strip().splitlines()[2].strip() + "\n" + __doc__.strip().splitlines()[3].strip(), file=sys.stderr)
+    if argv[:1] == ["check"] and len(argv) == 1 and os.environ.get("CONFIG"):
+        argv = ["check", os.environ["CONFIG"]]
+    if len(argv) != 2 or argv[0] not in ("train", "split", "check"):
+        print("\n".join(ln.strip() for ln in __doc__.strip().splitlines()[2:5]), file=sys.stderr)
         return 2
     try:
-        if argv[0] == "train":
+        if argv[0] in ("train", "check"):
             words = train_args(argv[1], os.environ)
         else:
             words = split_words(os.environ.get(argv[1], ""), argv[1])
     except ConfigError as e:
-        print(f"ERROR: {e}", file=sys.stderr)
+        print(f"ERROR: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    sys.stdout.write("".join(w + "\0" for w in words))
+    if argv[0] == "check":
+        print(f"ok: {argv[1]} with {len(words) - 1} override(s), run_dir {words[0]}", *words[1:], sep="\n")
+    else:
+        sys.stdout.write("".join(w + "\0" for w in words))
     return 0
 
 
