@@ -81,12 +81,17 @@ class TrainJob(submitit.helpers.Checkpointable):
         return [self.python, "-m", "vqd_scale.cli.train", self.config, *self.overrides, "--resume", "auto"]
 
     def _record(self, event: str, **extra) -> None:
-        if self.run_dir is not None and submitit.JobEnvironment().global_rank == 0:
+        """One line in RUN_DIR/slurm_jobs.jsonl, written by global rank 0 only."""
+        if self.run_dir is None:
+            return
+        job_env = submitit.JobEnvironment()
+        if job_env.global_rank == 0:
+            if event == "start":
+                extra["tasks_per_node"] = job_env.num_tasks // max(1, job_env.num_nodes)
             record(self.run_dir, event, launcher="submitit", **extra)
 
     def __call__(self) -> int:
-        job_env = submitit.JobEnvironment()
-        self._record("start", tasks_per_node=job_env.num_tasks // max(1, job_env.num_nodes))
+        self._record("start")
         rc = _run(self.command(), on_proc=lambda p: setattr(self, "_proc", p))
         if rc == EXIT_PREEMPTED:
             # rank 0's checkpoint() is requeueing the job; the other ranks just wait to be ended
