@@ -122,6 +122,7 @@ WANDB_SCRIPT = textwrap.dedent('''
 
 def test_wandb_service_killed_by_sigterm_gives_one_warning_not_a_traceback(tmp_path):
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(tmp_path))
+    env.pop("WANDB_SERVICE", None)  # left by an earlier in-process wandb test: the script must start its own service
     r = subprocess.run([sys.executable, "-c", WANDB_SCRIPT, str(tmp_path / "run")], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "closed" in r.stdout, r.stderr[-3000:]
