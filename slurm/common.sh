@@ -5,9 +5,15 @@
 #     spool, so paths are resolved from $VQD_ROOT, which defaults to $SLURM_SUBMIT_DIR;
 #   * #SBATCH lines give GPU-cluster defaults; every one can be overridden with sbatch flags and
 #     every job parameter with environment variables (sbatch exports the caller's environment):
-#       CONFIG, RUN_DIR, OVERRIDES (space-separated dotted overrides), VQD_DEVICE (auto|gpu|cpu),
+#       CONFIG, RUN_DIR, OVERRIDES (dotted overrides, split like a command line: quote one that
+#       contains spaces), OVERRIDES_FILE (one override per line, verbatim), VQD_DEVICE (auto|gpu|cpu),
 #       GPUS_PER_NODE, TASKS_PER_NODE, PYTHON, MASTER_PORT, VQD_REQUEUE_EXIT, VQD_MAX_RESTARTS,
 #       VQD_TASK_EXIT_WAIT;
+#   * the job parameters are checked (vqd_scale/launch/jobargs.py) before srun: a bad value is one
+#     ERROR line in the log and exit 2;
+#   * USR1/USR2 to the batch shell (--signal=B:USR2@T, `scancel --signal=USR2 --batch`) mean
+#     "checkpoint and requeue"; SIGTERM (`scancel`, SLURM's own requeue or pre-emption, the end of the
+#     time limit) means "checkpoint if you can and stop": the job is then never requeued by this script;
 #   * logs go to logs/ (create it before sbatch) and are appended to across requeues;
 #   * every job appends one JSON line per start / requeue to $RUN_DIR/slurm_jobs.jsonl.
 
@@ -69,13 +75,27 @@ vqd_tasks_per_node() {
     echo "$g"
 }
 
-# run_dir of CONFIG + OVERRIDES when RUN_DIR is not given (the trainer writes there).
-vqd_resolve_run_dir() {
-    if [[ -n "${RUN_DIR:-}" ]]; then echo "$RUN_DIR"; return; fi
-    local ovr
-    read -r -a ovr <<< "${OVERRIDES:-}"
-    "$PYTHON" -c 'import sys; from vqd_scale.config import load_config
-print(load_config(sys.argv[1], sys.argv[2:]).run_dir)' "$CONFIG" "${ovr[@]}"
+# NUL-terminated words that `python -m vqd_scale.launch.jobargs "$@"` prints → the array VQD_WORDS;
+# its one-line error ends the job (exit 2) before anything starts.
+vqd_jobargs() {
+    local out
+    out="$(mktemp)"
+    if ! "$PYTHON" -m vqd_scale.launch.jobargs "$@" > "$out"; then rm -f "$out"; exit 2; fi
+    mapfile -d '' -t VQD_WORDS < "$out"
+    rm -f "$out"
+}
+
+# Validate CONFIG + OVERRIDES_FILE + OVERRIDES (+ RUN_DIR); set RUN_DIR (CONFIG's run_dir when unset)
+# and the array VQD_OVERRIDES for `vqd-train CONFIG "${VQD_OVERRIDES[@]}" run_dir=$RUN_DIR`.
+vqd_train_args() {
+    vqd_jobargs train "$CONFIG"
+    RUN_DIR="${VQD_WORDS[0]}"
+    VQD_OVERRIDES=("${VQD_WORDS[@]:1}")
+}
+
+# JobState of this job as slurmctld sees it (RUNNING; COMPLETING once it is being cancelled/requeued).
+vqd_job_state() {
+    scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | grep -o 'JobState=[A-Z_]*' | cut -d= -f2
 }
 
 # One JSON line per event into RUN_DIR/slurm_jobs.jsonl (job id, restart count, nodes, time).
@@ -88,21 +108,32 @@ vqd_record() {
 }
 
 # Run "$@" under srun in the background, forwarding pre-emption signals to the job step, and
-# requeue the job when training checkpointed because of one. Sets VQD_RC.
+# requeue the job when training checkpointed because of USR1/USR2 (never after SIGTERM). Sets VQD_RC.
 vqd_srun_requeueable() {
     VQD_PREEMPTED=0
+    VQD_CANCELLED=0
     VQD_SRUN_PID=""
     # Slurm sends --signal=B:USR2@T to this shell only; srun relays what it receives to every task,
     # where vqd-train sets a flag, saves at the next step boundary and exits with VQD_REQUEUE_EXIT.
-    # Whatever arrived here, the tasks get USR2: NCCL may catch USR1 (submitit #1697).
+    # Whatever arrived here, the tasks get USR2: NCCL may catch USR1 (submitit #1697), and SIGTERM to
+    # srun would make it SIGKILL them.
     _vqd_forward() {
         VQD_PREEMPTED=1
-        vqd_log "caught SIG$1: asking the job step to checkpoint (SIGUSR2)"
+        vqd_log "caught SIG$1: asking the job step to checkpoint (SIGUSR2); the job is requeued afterwards"
+        [[ -n "$VQD_SRUN_PID" ]] && kill -s USR2 "$VQD_SRUN_PID" 2>/dev/null || true
+    }
+    # SIGTERM reaches this shell and every task when the job is cancelled (`scancel`), requeued or
+    # pre-empted by SLURM itself (which then requeues it), or at its time limit: the ranks save if they
+    # can within KillWait, and this script must not requeue (a cancelled job would come back).
+    _vqd_cancel() {
+        VQD_CANCELLED=1
+        vqd_log "caught SIGTERM (scancel, SLURM's own requeue/pre-emption or the time limit): the job step" \
+                "checkpoints if it can; this script will not requeue the job"
         [[ -n "$VQD_SRUN_PID" ]] && kill -s USR2 "$VQD_SRUN_PID" 2>/dev/null || true
     }
     trap '_vqd_forward USR1' USR1
     trap '_vqd_forward USR2' USR2
-    trap '_vqd_forward TERM' TERM
+    trap '_vqd_cancel' TERM
     srun "$@" &
     VQD_SRUN_PID=$!
     # `wait` returns early (status > 128) whenever a trapped signal arrives: wait again until srun is gone.
@@ -113,7 +144,18 @@ vqd_srun_requeueable() {
     wait "$VQD_SRUN_PID" || VQD_RC=$?  # bash keeps the exit status of a reaped background job
     trap - USR1 USR2 TERM
     vqd_log "job step exited with status $VQD_RC (pre-empted: $VQD_PREEMPTED)"
+    if [[ "$VQD_CANCELLED" -eq 1 ]]; then
+        vqd_log "not requeuing: the job got SIGTERM (cancelled, or requeued / pre-empted by SLURM itself)"
+        return
+    fi
     if [[ "$VQD_RC" -ne 0 ]] && { [[ "$VQD_PREEMPTED" -eq 1 ]] || [[ "$VQD_RC" == "$VQD_REQUEUE_EXIT" ]]; }; then
+        local state
+        state="$(vqd_job_state)"
+        if [[ -n "$state" && "$state" != RUNNING ]]; then
+            # `scontrol requeue` would even bring back a job that is being cancelled (state COMPLETING)
+            vqd_log "not requeuing: the job is ending (state $state)"
+            return
+        fi
         if (( ${SLURM_RESTART_COUNT:-0} >= VQD_MAX_RESTARTS )); then
             vqd_log "not requeuing: already restarted ${SLURM_RESTART_COUNT} times (VQD_MAX_RESTARTS)"
             return

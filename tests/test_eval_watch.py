@@ -182,3 +182,87 @@ def test_only_step(run_dir):
     calls = []
     assert _run(run_dir, _evaluator(run_dir, calls), only_step=200) == [200]
     assert [s for s, _ in W.pending(run_dir)] == [100]
+
+
+def test_wait_for_run_polls_until_config_and_a_complete_checkpoint(tmp_path):
+    run_dir = tmp_path / "not_yet"
+    now, sleeps = [0.0], []
+
+    def sleep(s):  # "training" starts while the watcher waits: dir, config.yaml, an incomplete, then a complete ckpt
+        sleeps.append(s)
+        now[0] += s
+        if len(sleeps) == 2:
+            run_dir.mkdir()
+            save_config(RunConfig(max_samples=1000), run_dir / "config.yaml")
+            make_ckpt(run_dir, 100, complete=False)
+        if len(sleeps) == 4:
+            (run_dir / "checkpoints/step_00000100/complete.json").write_text(json.dumps({"step": 100}))
+    assert not W.run_appeared(run_dir)
+    assert W.wait_for_run(run_dir, 60.0, 5.0, sleep=sleep, clock=lambda: now[0])
+    assert sleeps == [5.0] * 4 and W.run_appeared(run_dir)
+    now[0], sleeps[:] = 0.0, []
+    assert not W.wait_for_run(tmp_path / "never", 12.0, 5.0, sleep=lambda s: (sleeps.append(s), now.append(now.pop() + s)),
+                              clock=lambda: now[0])
+    assert sleeps == [5.0, 5.0, 2.0]  # gave up at the timeout, not a poll later
+
+
+def test_cli_watch_waits_for_a_run_that_starts_later(tmp_path, monkeypatch, capsys):
+    """`vqd-eval RUN --watch` started before training (the README's watcher next to a fresh job):
+    it waits instead of failing on the missing config.yaml, then follows the run."""
+    from vqd_scale.cli.eval import main
+    run_dir, real, checks = tmp_path / "run", W.run_appeared, []
+
+    def appeared(d):
+        checks.append(d)
+        if len(checks) == 2:  # the watcher already looked once and is waiting: training starts now
+            run_dir.mkdir()
+            save_config(RunConfig(max_samples=1000), run_dir / "config.yaml")
+            make_ckpt(run_dir, 100, samples_seen=1000)
+            (run_dir / "eval").mkdir()
+            W.result_path(run_dir, 100).write_text("{}")  # already evaluated: nothing to load here
+            (run_dir / W.DONE_MARKER).touch()
+        return real(d)
+    monkeypatch.setattr(W, "run_appeared", appeared)
+    assert main([str(run_dir), "--watch", "eval.poll_seconds=0.01"]) == 0
+    out = capsys.readouterr()
+    assert "waiting up to 3600 s" in out.err and "evaluated 0 checkpoint(s)" in out.out
+    assert len(checks) >= 2
+
+
+def test_cli_watch_gives_up_when_the_run_never_appears(tmp_path, capsys):
+    from vqd_scale.cli.eval import main
+    assert main([str(tmp_path / "nope"), "--watch", "--wait-for-run", "0.2", "eval.poll_seconds=0.05"]) == 2
+    err = capsys.readouterr().err
+    assert "did not appear within 0 s" in err and "--wait-for-run" in err and "Traceback" not in err
+    assert main([str(tmp_path / "nope"), "--once"]) == 2  # --once never waits
+    assert "config.yaml not found" in capsys.readouterr().err
+
+
+def test_cli_bad_config_yaml_is_one_line(tmp_path, capsys):
+    from vqd_scale.cli.eval import main
+    save_config(RunConfig(max_samples=1000), tmp_path / "config.yaml")
+    (tmp_path / "bad.yaml").write_text("max_samples: [1, 2\nseed: 3\n")
+    assert main([str(tmp_path), "--once", "--config", str(tmp_path / "bad.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "YAML syntax error" in err and "line" in err and len(err.splitlines()) == 1, err
+
+
+def test_two_evaluators_get_two_wandb_runs_a_requeued_one_continues_its_own(run_dir, monkeypatch):
+    """Two watchers of one run wrote two offline wandb runs with the same id (syncing them loses one's
+    history): one run per evaluator job, one group per run directory, same run after a requeue."""
+    import types
+    from vqd_scale.eval.job import Evaluator
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    (run_dir / "eval").mkdir()
+    runs = []
+    for job, restart in (("101", "0"), ("102", "0"), ("101", "1")):  # watcher, second watcher, 101 requeued
+        monkeypatch.setenv("SLURM_JOB_ID", job)
+        monkeypatch.setenv("SLURM_RESTART_COUNT", restart)
+        ev = types.SimpleNamespace(cfg=RunConfig(max_samples=1000), run_dir=run_dir, _wandb=None)
+        Evaluator._log_wandb(ev, 100, {"metrics": {"fid": 1.0}}, None)  # the real method, on a stand-in self
+        runs.append((ev._wandb.id, ev._wandb.group))
+        Evaluator.close(ev)
+    (id1, g1), (id2, g2), (id3, g3) = runs
+    assert id1 != id2 and id3 == id1 and g1 == g2 == g3
+    written = {p.name.split("-", 3)[3] for p in (run_dir / "eval" / "wandb").glob("offline-run-*")}
+    assert written == {id1, id2}

@@ -5,6 +5,8 @@ Used by tests/slurm and for trying the slurm/ scripts on one machine:
 
     python tools/local_slurm.py start --dir /tmp/vqd_slurm      # prints `export SLURM_CONF=...`
     export SLURM_CONF=/tmp/vqd_slurm/slurm.conf; sbatch ...; squeue
+    # node-failure drill: a node set DOWN stays down (--return-to-service 1, the default) until resumed
+    scontrol update NodeName=node2 State=DOWN Reason=drill; ...; scontrol update NodeName=node2 State=RESUME
     python tools/local_slurm.py stop --dir /tmp/vqd_slurm
 
 Everything lives in --dir (config, munge key and socket, state, spool, logs, pids.json). The only
@@ -58,8 +60,17 @@ def _sbin(name: str) -> str:
     return shutil.which(name) or str(Path("/usr/sbin", name))
 
 
-def render_conf(root: Path, nodes: list[str], cpus: int, ctld_port: int, node_ports: list[int]) -> str:
-    """slurm.conf text for a one-machine cluster rooted at `root` (no cgroups, no accounting)."""
+def render_conf(root: Path, nodes: list[str], cpus: int, ctld_port: int, node_ports: list[int],
+                return_to_service: int = 1) -> str:
+    """slurm.conf text for a one-machine cluster rooted at `root` (no cgroups, no accounting).
+
+    `return_to_service` is slurm.conf's ReturnToService: 1 (default) brings back a node that was DOWN
+    for not responding when its slurmd registers again, but keeps one set DOWN by hand (a node-failure
+    drill) down until `scontrol update ... State=RESUME`; 2 returns any DOWN node at once (within
+    milliseconds here, so no drill can be run); 0 never (a not-responding node stays DOWN too).
+    """
+    if return_to_service not in (0, 1, 2):
+        raise ValueError(f"return_to_service={return_to_service}: slurm.conf's ReturnToService is 0, 1 or 2")
     host = socket.gethostname().split(".")[0]
     lines = [
         "ClusterName=vqdlocal",
@@ -83,7 +94,7 @@ def render_conf(root: Path, nodes: list[str], cpus: int, ctld_port: int, node_po
         "ProctrackType=proctrack/linuxproc",
         "TaskPlugin=task/none",
         "MpiDefault=none",
-        "ReturnToService=2",
+        f"ReturnToService={return_to_service}",
         # declare more CPUs than the machine has, so 2 nodes x several tasks fit on 2 cores
         "SlurmdParameters=config_overrides",
         "SchedulerType=sched/backfill",
@@ -92,7 +103,7 @@ def render_conf(root: Path, nodes: list[str], cpus: int, ctld_port: int, node_po
         "SchedulerParameters=batch_sched_delay=0,sched_min_interval=0,sched_interval=1,bf_interval=1",
         "DependencyParameters=kill_invalid_depend",
         "JobRequeue=1",
-        "KillWait=10",
+        "KillWait=30",  # SLURM's default: time from SIGTERM to SIGKILL (a cancelled job's ranks save in it)
         "MinJobAge=600",  # keep finished jobs visible to `scontrol show job` for the tests
         "InactiveLimit=0",
         "SlurmdTimeout=60",
@@ -131,10 +142,11 @@ def _remove_hosts_line(line: str) -> None:
 class LocalSlurm:
     """One local cluster in `root`; `start()` then `env` for client commands; `stop()` ends its daemons."""
 
-    def __init__(self, root: str | Path, num_nodes: int = 2, cpus: int = 4):
+    def __init__(self, root: str | Path, num_nodes: int = 2, cpus: int = 4, return_to_service: int = 1):
         self.root = Path(root).resolve()
         self.nodes = [f"node{i + 1}" for i in range(num_nodes)]
         self.cpus = cpus
+        self.return_to_service = return_to_service
         self.conf = self.root / "slurm.conf"
         self.pids: dict[str, int] = {}
         self.hosts_line: str | None = None
@@ -164,7 +176,8 @@ class LocalSlurm:
         key.write_bytes(os.urandom(1024))
         os.chmod(key, 0o400)
         ports = [_free_port() for _ in range(1 + len(self.nodes))]
-        self.conf.write_text(render_conf(self.root, self.nodes, self.cpus, ports[0], ports[1:]))
+        self.conf.write_text(render_conf(self.root, self.nodes, self.cpus, ports[0], ports[1:],
+                                         self.return_to_service))
         self.hosts_line = _add_hosts_line(self.nodes, self.root)
         m = self.root / "munge"
         self._spawn("munged", [_sbin("munged"), "-F", "--force", f"--socket={m}/munge.socket.2",
@@ -293,9 +306,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", required=True, help="directory holding the cluster's config, state and logs")
     ap.add_argument("--nodes", type=int, default=2)
     ap.add_argument("--cpus", type=int, default=4, help="CPUs declared per emulated node")
+    ap.add_argument("--return-to-service", type=int, choices=[0, 1, 2], default=1,
+                    help="slurm.conf ReturnToService: 1 keeps a node set DOWN by hand down until RESUME "
+                         "(node-failure drills), 2 returns it at once")
     a = ap.parse_args(argv)
     if a.action == "start":
-        c = LocalSlurm(a.dir, a.nodes, a.cpus).start()
+        c = LocalSlurm(a.dir, a.nodes, a.cpus, a.return_to_service).start()
         print(f"export SLURM_CONF={c.conf}")
     else:
         LocalSlurm.attach(a.dir).stop()

@@ -15,6 +15,8 @@
 
 Prints one line per job: its id and log paths. Submission only: without SLURM accounting submitit
 cannot see job states, so follow jobs with squeue / the run directory (see README "Running on a cluster").
+A refusal (bad config, bad pattern, sbatch's own) is one `submit.py: error:` line and exit 2, with
+nothing queued for a bad config.
 """
 from __future__ import annotations
 
@@ -24,8 +26,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from vqd_scale.config import load_config  # noqa: E402
-from vqd_scale.launch.submit import Resources, submit_eval, submit_extract, submit_train  # noqa: E402
+from vqd_scale.config import ConfigError  # noqa: E402
+from vqd_scale.launch.jobargs import load_config_checked  # noqa: E402
+from vqd_scale.launch.submit import (Resources, SubmitError, submit_eval, submit_extract,  # noqa: E402
+                                     submit_train)
 
 
 def _add_resources(p: argparse.ArgumentParser, tasks_default: int | None = None) -> None:
@@ -38,6 +42,8 @@ def _add_resources(p: argparse.ArgumentParser, tasks_default: int | None = None)
                    help="default: one per GPU, or 1 on CPU")
     p.add_argument("--cpus-per-task", type=int, default=2)
     p.add_argument("--time", type=int, default=24 * 60, help="minutes; requeue continues past it")
+    p.add_argument("--max-requeues", type=int, default=Resources.max_requeues,
+                   help="time-outs / pre-emptions after which submitit stops requeuing (its own default is 3)")
     p.add_argument("--partition", default=None)
     p.add_argument("--python", default=sys.executable)
 
@@ -45,7 +51,8 @@ def _add_resources(p: argparse.ArgumentParser, tasks_default: int | None = None)
 def _resources(a: argparse.Namespace) -> Resources:
     tasks = a.tasks_per_node or max(1, a.gpus_per_node)
     return Resources(nodes=a.nodes, tasks_per_node=tasks, gpus_per_node=a.gpus_per_node,
-                     cpus_per_task=a.cpus_per_task, timeout_min=a.time, partition=a.partition)
+                     cpus_per_task=a.cpus_per_task, timeout_min=a.time, partition=a.partition,
+                     max_requeues=a.max_requeues)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,16 +76,23 @@ def main(argv: list[str] | None = None) -> int:
     x.add_argument("extract_args", nargs=argparse.REMAINDER, help="after `--`: arguments for vqd-extract")
     _add_resources(x)
     a = ap.parse_args(argv)
-    res = _resources(a)
+    try:
+        return _submit(a)
+    except (ConfigError, SubmitError) as e:  # user errors: one line; anything else is a bug and keeps its traceback
+        ap.exit(2, f"submit.py: error: {' '.join(str(e).split())}\n")
 
+
+def _submit(a: argparse.Namespace) -> int:
+    res = _resources(a)
     if a.what == "train":
-        cfg = load_config(a.config, a.overrides)  # refuse a bad config before anything is queued
-        job, info = submit_train(a.config, a.overrides, a.folder, a.cluster, res, a.python)
+        cfg = load_config_checked(a.config, a.overrides)  # refuse a bad config before anything is queued
+        job, info = submit_train(a.config, a.overrides, a.folder, a.cluster, res, a.python, run_dir=cfg.run_dir)
         print(info.line(), flush=True)
         print(f"train: run_dir {cfg.run_dir}", flush=True)
         if a.eval != "none":
             eres = Resources(nodes=1, tasks_per_node=1, gpus_per_node=min(1, a.gpus_per_node),
-                             cpus_per_task=a.cpus_per_task, timeout_min=a.time, partition=a.partition)
+                             cpus_per_task=a.cpus_per_task, timeout_min=a.time, partition=a.partition,
+                             max_requeues=a.max_requeues)
             after = job.job_id if a.eval == "after" else None
             _, einfo = submit_eval(cfg.run_dir, a.folder, a.cluster, eres, after=after,
                                    watch=a.eval == "watch", python=a.python)

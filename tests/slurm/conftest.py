@@ -15,7 +15,7 @@ from slurm_helpers import Cluster, LocalSlurm
 def slurm_cluster(tmp_path_factory) -> Cluster:
     """Start the 2-node local cluster once for the session; stop exactly what was started."""
     root = tmp_path_factory.mktemp("slurm")
-    slurm = LocalSlurm(root / "cluster", num_nodes=2, cpus=4)
+    slurm = LocalSlurm(root / "cluster", num_nodes=2, cpus=6)
     try:
         slurm.start()
     except Exception:

@@ -13,13 +13,37 @@ from vqd_scale.launch.jobs import TrainJob
 from vqd_scale.launch.submit import Resources, expand_shards, make_executor
 
 
+def _submit(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "tools/submit.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+
+
 def test_bad_config_is_refused_before_anything_is_queued(tmp_path):
     folder = tmp_path / "submitit"
-    r = subprocess.run([sys.executable, "tools/submit.py", "train", "configs/tiny.yaml", "optim.lr=-1",
-                        "--cluster", "local", "--folder", str(folder)], cwd=REPO, capture_output=True, text=True)
-    assert r.returncode != 0
-    assert "optim.lr" in r.stderr
+    r = _submit("train", "configs/tiny.yaml", "optim.lr=-1", "--cluster", "local", "--folder", str(folder))
+    assert r.returncode == 2 and r.stderr.startswith("submit.py: error: ") and "optim.lr" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not folder.exists()
+
+
+@pytest.mark.parametrize("case", ["yaml", "missing", "pattern", "dependency"])
+def test_refusals_are_one_line_and_exit_2(case, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("max_samples: [1, 2\n")
+    folder = ["--cluster", "local", "--folder", str(tmp_path / "submitit")]
+    args = {"yaml": ["train", str(bad), *folder], "missing": ["train", str(tmp_path / "nope.yaml"), *folder],
+            "pattern": ["extract", "--inputs", "", *folder], "dependency": ["eval", "runs/x", "--after", "1", *folder]}
+    want = {"yaml": "YAML syntax error: did not find expected", "missing": "does not exist", "pattern": "expands to no shards",
+            "dependency": "dependencies need SLURM"}
+    r = _submit(*args[case])
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and want[case] in r.stderr, r.stderr  # no traceback
+
+
+def test_submitit_keeps_requeuing_past_its_default_three_timeouts(tmp_path):
+    """submitit stops requeuing after max_num_timeout time-outs (default 3); --time promises more."""
+    ex = make_executor(tmp_path, "slurm", Resources(), "x")
+    assert ex._executor.max_num_timeout == Resources.max_requeues >= 50
 
 
 def test_executor_refuses_auto_cluster_and_local_dependencies(tmp_path):

@@ -3,7 +3,8 @@
 Evaluates every complete checkpoint of a run directory exactly once (eval/<step>.json, .png,
 curves.png, wandb). `--watch` keeps polling (eval.poll_seconds) until training has finished (RUN_DIR/DONE
 or a checkpoint at max_samples) and nothing is pending, or eval.idle_timeout passes without a new
-checkpoint. Settings come from RUN_DIR/config.yaml; dotted overrides change them, e.g.
+checkpoint; started before its training job, it first waits for the run to appear (--wait-for-run).
+Settings come from RUN_DIR/config.yaml; dotted overrides change them, e.g.
 `eval.num_samples=1000 eval.sampler.steps=50`. Works as one process, under torchrun or srun (the
 ranks split the samples).
 """
@@ -13,8 +14,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from vqd_scale.config import ConfigError, load_config
+from vqd_scale.config import ConfigError
 from vqd_scale.eval import watch
+from vqd_scale.launch.jobargs import load_config_checked
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -26,10 +28,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--step", type=int, default=None, help="evaluate only this checkpoint step")
     ap.add_argument("--force", action="store_true", help="with --step: re-evaluate even if a result exists")
     ap.add_argument("--config", default=None, help="config YAML instead of RUN_DIR/config.yaml")
+    ap.add_argument("--wait-for-run", type=float, default=None, metavar="SECONDS",
+                    help="with --watch: how long to wait for the run to appear (RUN_DIR/config.yaml and a "
+                         "complete checkpoint), for a watcher started before its training job "
+                         "(default: eval.idle_timeout of the defaults + overrides)")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.num_samples=1000")
     a = ap.parse_intermixed_args(argv)  # overrides may come before or after the options
     if a.force and a.step is None:
         ap.error("--force needs --step N (results of other steps are kept)")
+    if a.wait_for_run is not None and (not a.watch or a.wait_for_run < 0):
+        ap.error("--wait-for-run SECONDS (>= 0) goes with --watch")
     return a
 
 
@@ -65,13 +73,16 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     run_dir = Path(a.run_dir)
     cfg_path = Path(a.config) if a.config else run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        print(f"vqd-eval: {cfg_path} not found; is {run_dir} a vqd-train run directory?", file=sys.stderr)
-        return 2
     try:
-        cfg = load_config(cfg_path, a.overrides)
+        if a.watch and not watch.run_appeared(run_dir) and not _wait_for_run(run_dir, a):
+            return 2
+        if not cfg_path.is_file():
+            print(f"vqd-eval: {cfg_path} not found; is {run_dir} a vqd-train run directory? (--watch waits "
+                  "for a run that has not started yet)", file=sys.stderr)
+            return 2
+        cfg = load_config_checked(cfg_path, a.overrides)
     except ConfigError as e:
-        print(f"vqd-eval: {e}", file=sys.stderr)
+        print(f"vqd-eval: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     if a.step is not None and not a.watch:
         ckpt = run_dir / "checkpoints" / f"step_{a.step:08d}"
@@ -113,6 +124,20 @@ def main(argv=None) -> int:
         if hint:
             print(hint, flush=True)
     return 0
+
+
+def _wait_for_run(run_dir: Path, a: argparse.Namespace) -> bool:
+    """Wait (watch mode) for a training run that has not written its config and a first complete
+    checkpoint yet; False, with a message, when it did not appear in time."""
+    defaults = load_config_checked(None, a.overrides).eval  # the run's own config does not exist yet
+    timeout = defaults.idle_timeout if a.wait_for_run is None else a.wait_for_run
+    print(f"vqd-eval: waiting up to {timeout:.0f} s for {run_dir} to appear (config.yaml and a complete "
+          "checkpoint of a training run)", file=sys.stderr, flush=True)
+    if watch.wait_for_run(run_dir, timeout, defaults.poll_seconds):
+        return True
+    print(f"vqd-eval: {run_dir} did not appear within {timeout:.0f} s (no config.yaml and complete checkpoint); "
+          "is the training job running with this run_dir? --wait-for-run SECONDS waits longer", file=sys.stderr)
+    return False
 
 
 if __name__ == "__main__":

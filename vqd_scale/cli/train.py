@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from vqd_scale.train import signals
+
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 
 
@@ -26,6 +28,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    if argv is None:  # run as a program (not called from Python, e.g. a test): handlers live until exit
+        # First, before the torch/DeepSpeed imports that take seconds: a preemption signal then is
+        # honoured at the first step instead of killing the rank, and one while the process exits after
+        # its last checkpoint cannot turn a finished run into a failure.
+        signals.install_early()
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
     args = parse_args(argv)
     config = args.config
@@ -33,9 +40,10 @@ def main(argv=None) -> int:
     if config is not None and "=" in config:  # `vqd-train key=value ...` without a file
         overrides.insert(0, config)
         config = None
-    from vqd_scale.config import ConfigError, load_config
+    from vqd_scale.config import ConfigError
+    from vqd_scale.launch.jobargs import load_config_checked
     try:
-        cfg = load_config(config or DEFAULT_CONFIG, overrides)
+        cfg = load_config_checked(config or DEFAULT_CONFIG, overrides)
         from vqd_scale.train.loop import run
         code = run(cfg, resume=args.resume, init_from=args.init_from)
     except (ConfigError, ValueError, FileNotFoundError) as e:

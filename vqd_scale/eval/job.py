@@ -24,7 +24,7 @@ from vqd_scale.data.schema import MANIFEST, read_manifest, write_json_atomic
 from vqd_scale.eval import metrics as M
 from vqd_scale.eval import plots
 from vqd_scale.eval.heldout import HeldOut, read_heldout
-from vqd_scale.eval.watch import EVAL_DIR, result_path
+from vqd_scale.eval.watch import EVAL_DIR, result_path, wandb_run
 from vqd_scale.train import distributed as D
 from vqd_scale.train.checkpoint import EMA_FILE, TEXT_FILE, check_same_model, load_weights, read_complete
 
@@ -355,10 +355,10 @@ class Evaluator:
         import wandb
         if self._wandb is None:
             os.environ.setdefault("WANDB_SILENT", "true")
-            # Its own run next to training's (a wandb run takes one writer); stable id across restarts.
-            run_id = "vqd-" + hashlib.sha1(str(self.run_dir.resolve()).encode()).hexdigest()[:12] + "-eval"
+            # Its own run next to training's (a wandb run takes one writer), one per evaluator job.
+            run_id, group = wandb_run(self.run_dir)
             self._wandb = wandb.init(project=lc.wandb_project, entity=lc.wandb_entity, mode=mode,
-                                     dir=str(self.run_dir / EVAL_DIR), id=run_id, resume="allow",
+                                     dir=str(self.run_dir / EVAL_DIR), id=run_id, group=group, resume="allow",
                                      job_type="eval", config={"eval": dataclasses.asdict(self.cfg.eval)})
             # Checkpoints may be evaluated out of order: plot against the train step, not wandb's own.
             self._wandb.define_metric("trainer/step")

@@ -6,10 +6,12 @@ Before evaluating, an evaluator *claims* the step by creating `eval/<step>.lock`
 link, which fails if the name exists), so two watchers on a shared file system never evaluate the
 same step; a claim left by a dead evaluator (same host and its pid is gone, an earlier attempt of
 this requeued SLURM job, or older than `stale_seconds`) is retaken, which makes a restart
-idempotent. Pure file-system logic: the evaluation is a callback.
+idempotent. A watcher started before its training job waits for the run to appear
+(`wait_for_run`). Pure file-system logic: the evaluation is a callback.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -126,6 +128,36 @@ def claim_next(run_dir: str | os.PathLike, stale_seconds: float,
         if try_claim(run_dir, step, stale_seconds):
             return step, path
     return None
+
+
+def wandb_run(run_dir: str | os.PathLike) -> tuple[str, str]:
+    """(id, group) of this evaluator's wandb run. Evaluators of one run directory (two watchers, a
+    watcher and an afterok job) must not share an id: each writes its own offline run, and syncing
+    two into one id drops the second's history. So one run per evaluator job, grouped per run
+    directory; a requeued SLURM job keeps its job id and continues its own run."""
+    group = "vqd-" + hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:12] + "-eval"
+    job = os.environ.get("SLURM_JOB_ID")
+    who = job if job and job.isdigit() else hashlib.sha1(f"{socket.gethostname()}:{os.getpid()}".encode()).hexdigest()[:8]
+    return f"{group}-{who}", group
+
+
+def run_appeared(run_dir: str | os.PathLike) -> bool:
+    """The training run has started and written its config in full: config.yaml (rank 0 writes it
+    before the first step) and at least one complete checkpoint."""
+    return (Path(run_dir) / "config.yaml").is_file() and bool(list_complete(run_dir))
+
+
+def wait_for_run(run_dir: str | os.PathLike, timeout: float, poll_seconds: float,
+                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic) -> bool:
+    """Poll until `run_appeared` (True) or `timeout` seconds pass (False): a watcher's job may start
+    before the training job it watches has created anything."""
+    end = clock() + timeout
+    while not run_appeared(run_dir):
+        left = end - clock()
+        if left <= 0:
+            return False
+        sleep(min(poll_seconds, left))
+    return True
 
 
 def training_finished(run_dir: str | os.PathLike) -> bool:

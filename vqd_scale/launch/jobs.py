@@ -15,6 +15,8 @@ from typing import Optional, Sequence
 
 import submitit
 
+from vqd_scale.launch import TORCH_EXTENSIONS_DIR
+from vqd_scale.launch.timeline import record
 from vqd_scale.train.signals import EXIT_PREEMPTED
 
 
@@ -27,6 +29,7 @@ def _distributed_env() -> dict:
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser(TORCH_EXTENSIONS_DIR))  # as slurm/common.sh
     return env
 
 
@@ -60,21 +63,35 @@ class TrainJob(submitit.helpers.Checkpointable):
     On pre-emption / time-out submitit calls `checkpoint()` in global rank 0: it asks the trainer
     to save (SIGUSR2; every task's trainer gets the Slurm signal too), waits for it to exit, and
     returns a fresh TrainJob that submitit requeues; the requeued job resumes from `latest`.
+    With `run_dir`, global rank 0 records each start and requeue in RUN_DIR/slurm_jobs.jsonl
+    (`python -m vqd_scale.launch.timeline RUN_DIR`), as slurm/*.sh do.
     """
 
     def __init__(self, config: str, overrides: Sequence[str] = (), python: str = sys.executable,
-                 save_timeout_s: float = 600.0):
+                 save_timeout_s: float = 600.0, run_dir: Optional[str] = None):
         self.config = config
         self.overrides = list(overrides)
         self.python = python
         self.save_timeout_s = save_timeout_s
+        self.run_dir = run_dir
         self._proc: Optional[subprocess.Popen] = None
 
     def command(self) -> list[str]:
         """The exact command line each task runs."""
         return [self.python, "-m", "vqd_scale.cli.train", self.config, *self.overrides, "--resume", "auto"]
 
+    def _record(self, event: str, **extra) -> None:
+        """One line in RUN_DIR/slurm_jobs.jsonl, written by global rank 0 only."""
+        if self.run_dir is None:
+            return
+        job_env = submitit.JobEnvironment()
+        if job_env.global_rank == 0:
+            if event == "start":
+                extra["tasks_per_node"] = job_env.num_tasks // max(1, job_env.num_nodes)
+            record(self.run_dir, event, launcher="submitit", **extra)
+
     def __call__(self) -> int:
+        self._record("start")
         rc = _run(self.command(), on_proc=lambda p: setattr(self, "_proc", p))
         if rc == EXIT_PREEMPTED:
             # rank 0's checkpoint() is requeueing the job; the other ranks just wait to be ended
@@ -91,7 +108,8 @@ class TrainJob(submitit.helpers.Checkpointable):
             if not _wait_exit(proc, self.save_timeout_s):
                 print(f"vqd-train did not exit {self.save_timeout_s:.0f} s after SIGUSR2; requeuing anyway "
                       "(the run resumes from the newest complete checkpoint)", file=sys.stderr, flush=True)
-        fresh = TrainJob(self.config, self.overrides, self.python, self.save_timeout_s)
+        self._record("requeue", step_exit=proc.returncode if proc is not None else None)
+        fresh = TrainJob(self.config, self.overrides, self.python, self.save_timeout_s, self.run_dir)
         return submitit.helpers.DelayedSubmission(fresh, *args, **kwargs)
 
     def __getstate__(self) -> dict:

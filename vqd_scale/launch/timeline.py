@@ -1,12 +1,28 @@
-"""How long a run's SLURM jobs spent starting and requeueing, from RUN_DIR/slurm_jobs.jsonl + metrics.jsonl.
+"""How long a run's SLURM jobs spent starting and requeueing, from RUN_DIR/slurm_jobs.jsonl + metrics.jsonl
+(written by slurm/*.sh and by submitit's TrainJob).
 
     python -m vqd_scale.launch.timeline RUN_DIR
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from pathlib import Path
+
+JOBS_FILE = "slurm_jobs.jsonl"
+
+
+def record(run_dir: str | os.PathLike, event: str, **extra) -> None:
+    """Append one event line as slurm/common.sh's `vqd_record` does (job id, restart count, nodes, time)."""
+    e = os.environ
+    line = {"event": event, "job_id": e.get("SLURM_JOB_ID", ""), "array_task_id": e.get("SLURM_ARRAY_TASK_ID", ""),
+            "restart_count": int(e.get("SLURM_RESTART_COUNT", "0") or 0), "nodes": e.get("SLURM_JOB_NODELIST", ""),
+            "time": time.time(), **extra}
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(run_dir) / JOBS_FILE, "a") as f:  # one write of one line: appends from several jobs interleave whole
+        f.write(json.dumps(line) + "\n")
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -26,7 +42,7 @@ def timeline(run_dir: str | Path) -> list[dict]:
     """One row per job start: restart count, seconds to its first logged step, and for restarts the
     seconds from the requeue before it to that job start and to its first step."""
     run_dir = Path(run_dir)
-    events = read_jsonl(run_dir / "slurm_jobs.jsonl")
+    events = read_jsonl(run_dir / JOBS_FILE)
     times = sorted(m["time"] for m in read_jsonl(run_dir / "metrics.jsonl") if "time" in m)
     rows, last_requeue = [], None
     for e in events:

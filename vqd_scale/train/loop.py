@@ -282,7 +282,7 @@ def _loop(cfg, env, device, task, engine, ema, loader, state, logger, stop, run_
             last_save = time.monotonic()
             if env.is_main:
                 print(f"checkpoint {path}", flush=True)
-        if stop_now:
+        if stop_now and not final:  # at the final step the run is over: exit 0, nothing to requeue
             if env.is_main:
                 who = f"signal {stop.signum}" if stop.raised else "a signal on another rank"
                 print(f"preemption ({who}): checkpoint written at step {state.step}; exiting "

@@ -60,6 +60,7 @@ class MetricsLogger:
         self.is_main = is_main
         self.file = None
         self.wandb = None
+        self._wandb_started = self._warned = False
         if not is_main:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -68,6 +69,7 @@ class MetricsLogger:
         if mode != "disabled":
             # The run id is stable per run directory so a resumed job continues the same wandb run.
             run_id = "vqd-" + hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:12]
+            self._wandb_started = True
             with _held_signals(redeliver=True):  # a preemption signal during a slow init acts after it
                 self.wandb = self._guard("start", lambda: _wandb_init(
                     project=cfg.wandb_project, entity=cfg.wandb_entity, mode=mode, dir=str(run_dir),
@@ -81,6 +83,9 @@ class MetricsLogger:
             return fn()
         except Exception as e:  # wandb raises many types (ConnectionResetError, UsageError, CommError, ...)
             self.wandb = None
+            if self._warned:
+                return None
+            self._warned = True
             warnings.warn(f"wandb failed to {what} ({type(e).__name__}: {e}); continuing WITHOUT wandb — metrics "
                           f"still go to {METRICS_FILE} and the console. WANDB_MODE=offline or disabled (or "
                           "logging.wandb_mode when WANDB_MODE is unset) avoids it.", RuntimeWarning, stacklevel=3)
@@ -108,6 +113,17 @@ class MetricsLogger:
             with _held_signals(redeliver=False):
                 self._guard("finish", run.finish)
             self.wandb = None
+        if self._wandb_started:
+            self._wandb_started = False
+            # Shut its service down here, where a failure is one warning: wandb's own atexit hook would do
+            # it at exit and print a long traceback when the service is gone (SLURM's SIGTERM reaches it).
+            with _held_signals(redeliver=False):
+                self._guard("shut down", _wandb_teardown)
+
+
+def _wandb_teardown() -> None:
+    import wandb
+    wandb.teardown()
 
 
 def _wandb_init(**kwargs):
