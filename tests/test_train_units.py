@@ -166,6 +166,8 @@ def test_stop_flag_catches_preemption_signals():
     ("optim.lr=-1", "optim.lr"),
     ("optim.bogus=1", "bogus"),
     ("checkpoint.keep_last=0", "checkpoint.keep_last"),
+    ("logging.every_steps=0", "logging.every_steps"),  # was accepted, then a ZeroDivisionError on every rank
+    ("checkpoint.every_minutes=0", "checkpoint.every_minutes"),
 ])
 def test_cli_refuses_bad_values(override, needle, tmp_path, capsys):
     from vqd_scale.cli.train import main
