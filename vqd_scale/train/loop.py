@@ -1,9 +1,10 @@
 """The training loop: build task + DeepSpeed engine + loader, resume, step, log, checkpoint, stop on signals.
 
 Order of setup: everything that files and the config alone can refuse (data, precision, resume
-checkpoint, model size, --init-from) is refused on every rank before the process group starts; what
-only one process may decide (the run-directory lock, disk space, the hash check of the resume
-checkpoint) is decided right after it and raised on every rank alike, before the engine is built.
+checkpoint, model size, --init-from, an unwritable run_dir) is refused on every rank before the process
+group starts; what only one process may decide (the run-directory lock, disk space, the hash check of
+the resume checkpoint: train/run_dir.py) is decided right after it and raised on every rank alike,
+before the engine is built.
 """
 from __future__ import annotations
 
@@ -22,20 +23,18 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
-from safetensors.torch import save as save_safetensors
 
-from vqd_scale.config import RunConfig, save_config, to_dict
+from vqd_scale.config import RunConfig, to_dict
 from vqd_scale.tasks import build_task
 from vqd_scale.train import checkpoint as ckpt_io
 from vqd_scale.train import distributed as D
-from vqd_scale.train import run_lock
-from vqd_scale.train.disk_space import (SKIP_SPACE_CHECK_ENV, estimate_bytes, no_space_message, out_of_space,
-                                        space_problem)
+from vqd_scale.train import run_dir as run_dir_io
+from vqd_scale.train.disk_space import SKIP_SPACE_CHECK_ENV, estimate_bytes, space_problem
 from vqd_scale.train.ema import EMA
 from vqd_scale.train.engine import build_engine, resolve_precision
 from vqd_scale.train.lr_schedule import lr_at, set_lr
 from vqd_scale.train.metrics import MetricsLogger, peak_flops, peak_memory_mb
-from vqd_scale.train.checkpoint import DONE_FILE, TEXT_FILE
+from vqd_scale.train.checkpoint import DONE_FILE
 from vqd_scale.train.signals import EXIT_PREEMPTED, StopFlag
 
 EXIT_NONFINITE = 3  # the loss or gradient norm stopped being finite: stopped without saving that step
@@ -142,6 +141,7 @@ def _setup_and_loop(cfg: RunConfig, resume: Optional[str], init_from: Optional[s
     cfg = resolve_data_dependent(cfg)
     device = D.device_for(env)
     precision = resolve_precision(cfg.deepspeed, device)  # bf16 asked for on a CPU is refused here
+    run_dir_io.check_writable(run_dir)
     from vqd_scale.data.loader import build_loader
     # Caption dropout (for classifier-free guidance) is drawn by the loader so it resumes exactly.
     dropout = cfg.diffusion.caption_dropout if cfg.task == "vqd" else cfg.shifted.text_dropout
@@ -161,83 +161,15 @@ def _setup_and_loop(cfg: RunConfig, resume: Optional[str], init_from: Optional[s
             estimate_bytes(sum(p.numel() for p in task.module.parameters()), cfg.deepspeed.zero_stage, precision))
     D.init_distributed(env)
     try:
-        lock = _prepare_run_dir(cfg, run_dir, env, task, need)
+        lock = run_dir_io.prepare(cfg, run_dir, env, task, need)
         try:
-            ckpt = _verified_resume(candidates, resume, env, task, run_dir)
+            ckpt = run_dir_io.verified_resume(candidates, resume, env, task, run_dir)
             return _build_and_loop(cfg, env, device, task, loader, ckpt, run_dir, need, stop)
         finally:
             if lock is not None:
                 lock.release()
     finally:
         D.shutdown()
-
-
-def _prepare_run_dir(cfg: RunConfig, run_dir: Path, env: D.DistEnv, task, need: int) -> Optional[run_lock.RunLock]:
-    """Rank 0 creates and locks the run directory, checks its free space and writes the run's files there;
-    a refusal (locked, unwritable, full) is raised on every rank alike."""
-    lock, problem = None, None
-    if env.is_main:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            lock = run_lock.acquire(run_dir)
-            if not os.environ.get(SKIP_SPACE_CHECK_ENV):
-                problem = space_problem(run_dir, need, ckpt_io.latest_name(run_dir))
-            if problem is None:
-                save_config(cfg, run_dir / "config.yaml")
-                (run_dir / DONE_FILE).unlink(missing_ok=True)  # training (again) in progress
-                text = getattr(task, "text", None)
-                if text is not None and not cfg.text.pretrained:
-                    _write_text_tower(text, run_dir / TEXT_FILE)
-        except run_lock.RunDirLocked as e:
-            problem = str(e)
-        except Exception as e:  # safetensors and torch.save report a full disk as their own errors
-            if not out_of_space(e, run_dir):
-                if not isinstance(e, OSError):
-                    raise
-                problem = (f"run_dir {run_dir} cannot be written ({e.strerror}: {e.filename}); choose a "
-                           "directory this job may create files in")
-            else:
-                problem = no_space_message(run_dir, need, ckpt_io.latest_name(run_dir))
-    problem = D.from_main(problem)
-    if problem is not None:
-        if lock is not None:
-            lock.release()
-        raise ckpt_io.NoSpaceError(problem) if problem.startswith("no disk space") else run_lock.RunDirLocked(problem)
-    return lock
-
-
-def _write_text_tower(text: torch.nn.Module, path: Path) -> None:
-    """Random-init text tower (tests/demo): readers of the run dir load it from here. The same seed draws the
-    same tower on every resume, so an identical file is left alone (no rewrite, no extra space)."""
-    blob = save_safetensors({k: v.contiguous() for k, v in text.state_dict().items()})
-    if not path.is_file() or path.stat().st_size != len(blob) or path.read_bytes() != blob:
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
-            tmp.write_bytes(blob)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)  # a write cut short by a full disk leaves no half file behind
-
-
-def _verified_resume(candidates: list[Path], resume: str, env: D.DistEnv, task, run_dir: Path) -> Optional[Path]:
-    """The first candidate whose file hashes match complete.json (the check split over the ranks); under
-    `--resume auto` a damaged one is set aside with a warning and the previous one tried."""
-    for ckpt in candidates:
-        bad = [b for part in D.all_gather_object(ckpt_io.damaged_among(ckpt, env.rank, env.world_size)) for b in part]
-        if not bad:
-            ckpt_io.check_same_model(ckpt_io.read_complete(ckpt)["model"], task.model_config, str(ckpt))
-            return ckpt
-        if resume != "auto":
-            raise ckpt_io.CheckpointError(f"checkpoint {ckpt} is damaged: {'; '.join(bad)}; resume from another one")
-        if env.is_main:
-            dest = ckpt_io.set_aside(ckpt)
-            warnings.warn(f"checkpoint {ckpt} is damaged ({'; '.join(bad)}); set aside as {dest.name}, resuming "
-                          "from the previous complete checkpoint", stacklevel=1)
-        D.barrier()
-    if candidates:
-        raise ckpt_io.CheckpointError(f"every checkpoint in {run_dir / ckpt_io.CKPT_DIR} is damaged; restore one "
-                                      "or start a new run_dir")
-    return None
 
 
 def _build_and_loop(cfg, env, device, task, loader, ckpt: Optional[Path], run_dir: Path, need: int, stop) -> int:
