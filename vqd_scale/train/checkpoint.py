@@ -197,18 +197,19 @@ def resume_candidates(run_dir: str | os.PathLike, resume: str, quiet: bool = Fal
             raise CheckpointError(f"checkpoint {p} is damaged: {'; '.join(bad)}; resume from another one")
         return [p]
     good, damaged = [], []
-    for _, p in reversed(list_complete(run_dir)):
+    for step, p in reversed(list_complete(run_dir)):
         try:
             bad = file_problems(p, read_complete(p), hash_names=[])
         except CheckpointError as e:
             bad = [str(e)]
-        (damaged.append((p, bad)) if bad else good.append(p))
-    for p, bad in damaged if not quiet else []:
-        warnings.warn(f"checkpoint {p} is damaged ({'; '.join(bad)}); resuming from an older one", stacklevel=2)
+        (damaged.append((step, p, bad)) if bad else good.append((step, p)))
+    for step, p, bad in damaged if not quiet else []:
+        if not good or step > good[0][0]:  # an older damaged one matters only when the newer ones fail too
+            warnings.warn(f"checkpoint {p} is damaged ({'; '.join(bad)}); resuming from an older one", stacklevel=2)
     if damaged and not good:
         raise CheckpointError(f"every checkpoint in {Path(run_dir) / CKPT_DIR} is damaged (newest: "
-                              f"{'; '.join(damaged[0][1])}); restore one or start a new run_dir")
-    return good
+                              f"{'; '.join(damaged[0][2])}); restore one or start a new run_dir")
+    return [p for _, p in good]
 
 
 def damaged_among(ckpt_dir: Path, rank: int, world_size: int) -> list[str]:
