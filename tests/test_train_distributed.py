@@ -255,3 +255,22 @@ def test_damaged_checkpoint_files_are_named_and_auto_resume_falls_back(zero2_run
     (old / "trainer_state.pt").unlink()
     with pytest.raises(C.CheckpointError, match="every checkpoint .* is damaged"), pytest.warns(UserWarning):
         C.resume_candidates(run, "auto")
+
+
+def test_auto_resume_sets_aside_every_newer_damaged_checkpoint(zero2_run, tmp_path):
+    """A newer checkpoint skipped for a truncated file is renamed too (it used to stay the newest 'complete' one,
+    counted by keep_last and warned about on every resume), and `latest` names the one resumed from."""
+    from types import SimpleNamespace
+
+    from vqd_scale.train import run_dir as R
+    from vqd_scale.train.distributed import DistEnv
+    run = tmp_path / "run"
+    shutil.copytree(zero2_run, run)
+    new = run / "checkpoints" / "step_00000012"
+    (new / "rank_00001.pt").write_bytes(b"")
+    with pytest.warns(UserWarning, match="rank_00001.pt has 0 bytes"):
+        candidates = C.resume_candidates(run, "auto")
+    task = SimpleNamespace(model_config=C.read_complete(candidates[0])["model"])
+    assert R.verified_resume(candidates, "auto", DistEnv(), task, run).name == "step_00000008"
+    assert [s for s, _ in C.list_complete(run)] == [8] and (run / "checkpoints" / "step_00000012.damaged").is_dir()
+    assert C.latest_name(run) == "step_00000008"

@@ -85,6 +85,12 @@ def verified_resume(candidates: list[Path], resume: str, env: D.DistEnv, task, r
         bad = [b for part in D.all_gather_object(ckpt_io.damaged_among(ckpt, env.rank, env.world_size)) for b in part]
         if not bad:
             ckpt_io.check_same_model(ckpt_io.read_complete(ckpt)["model"], task.model_config, str(ckpt))
+            if resume == "auto" and env.is_main:  # newer ones were skipped as damaged (sizes): out of the way too
+                step = ckpt_io.read_complete(ckpt)["step"]
+                for newer_step, newer in ckpt_io.list_complete(run_dir):
+                    if newer_step > step:
+                        ckpt_io.set_aside(newer)
+            D.barrier()
             return ckpt
         if resume != "auto":
             raise ckpt_io.CheckpointError(f"checkpoint {ckpt} is damaged: {'; '.join(bad)}; resume from another one")
