@@ -163,6 +163,8 @@ def test_everything_filtered_out_raises_instead_of_hanging(tmp_path):
     m = json.loads((d / schema.MANIFEST).read_text())
     m["token_shape"] = [4, 4]
     (d / schema.MANIFEST).write_text(json.dumps(m))
+    for marker in d.glob("*.done.json"):  # with them the wrong token_shape is refused up front (test below)
+        marker.unlink()
     for workers in (0, 1):
         loader = TokenLoader(cfg_for(d, sources=[SourceConfig("x", str(d / "{00000..00001}.tar"))],
                                      num_workers=workers), max_consecutive_failures=50)
@@ -233,3 +235,43 @@ def test_data_manifest_does_not_override_another_sources_counts(tmp_path):
         TokenLoader(cfg_for(tmp_path, sources=srcs, manifest=str(tmp_path / "a" / "manifest.json")))
     with pytest.raises(ValueError, match="point data.manifest"):
         TokenLoader(cfg_for(tmp_path, sources=srcs[1:], manifest=str(tmp_path / "a" / "manifest.json")))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_unresampled_epochs_shorter_than_a_shard_still_cover_the_data(shards, workers):
+    """Virtual epochs of 8 samples over 40-sample shards: one pass reads every sample once (the stream
+    continues across epochs; it used to restart at a fresh shard head each epoch, never reaching the tails)."""
+    cfg = cfg_for(shards, resampled=False, epoch_samples=8, num_workers=workers)
+    loader = TokenLoader(cfg)
+    assert loader.batches_per_epoch == 2  # 8 samples in batches of 4 (one per worker with 2)
+    batches = take(loader, 6 * 40 // 4)  # exactly one pass over the 6 shards
+    counts = Counter(k for b in batches for k in b["key"])
+    assert len(counts) == 240 and set(counts.values()) == {1}
+    assert loader.epoch == 60 // loader.batches_per_epoch  # many epochs went by
+
+
+def test_seek_is_where_an_uninterrupted_loader_of_that_world_size_is(shards):
+    """Resume on another world size: seek(global samples) = the state of a loader that delivered them."""
+    cfg = cfg_for(shards, num_workers=2, sources=[SourceConfig("a", str(shards / "a" / "a{00000..00005}.tar"), 2.0),
+                                                  SourceConfig("b", str(shards / "b" / "b{00000..00002}.tar"), 1.0)])
+    for delivered in (0, 7, 19):  # in the first epoch, mid-epoch later, odd counts over the two workers
+        ref = TokenLoader(cfg, 1, 2)
+        it = iter(ref)
+        for _ in range(delivered):
+            next(it)
+        following = [next(it) for _ in range(3)]
+        moved = TokenLoader(cfg, 1, 2)
+        moved.seek(delivered * 2 * cfg.batch_size)  # samples over both ranks
+        got = take(moved, 3)
+        assert all(same(a, b) for a, b in zip(got, following)), delivered
+
+
+def test_manifest_of_another_tokenizer_beside_the_shards_is_refused(tmp_path):
+    write_random_token_shards(tmp_path, 3, 4, SHAPE, K, tokenizer_id="vqgan-aaaaaaaaaaaa")
+    m = json.loads((tmp_path / schema.MANIFEST).read_text())
+    (tmp_path / schema.MANIFEST).write_text(json.dumps({**m, "tokenizer_id": "vqgan-bbbbbbbbbbbb"}))
+    with pytest.raises(ValueError, match=r"tokenizer_id='vqgan-aaaaaaaaaaaa' \(its done-marker 00000.done.json\)"):
+        TokenLoader(cfg_for(tmp_path, sources=[SourceConfig("x", str(tmp_path / "{00000..00002}.tar"))]))
+    (tmp_path / schema.MANIFEST).write_text(json.dumps({**m, "num_classes": K + 1}))
+    with pytest.raises(ValueError, match="num_classes"):
+        TokenLoader(cfg_for(tmp_path, sources=[SourceConfig("x", str(tmp_path / "{00000..00002}.tar"))]))

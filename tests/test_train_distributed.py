@@ -156,8 +156,12 @@ def test_resume_on_other_world_size_warns_and_continues(tokens, zero2_run, tmp_p
     run = tmp_path / "run"
     shutil.copytree(zero2_run, run)
     r = train(tokens, run, steps=28, world=1)  # 12 steps × 2 ranks of samples done; 4 more on 1 rank
-    assert "optimizer state is REBUILT" in r.stderr
+    assert "optimizer state is REBUILT" in r.stderr and "continues after the 192 samples seen" in r.stderr
     assert [s for s, _ in C.list_complete(run)][-1] == 16
+    # the data goes on from the 192 samples seen (24 batches of 8 on one rank), then 4 steps: it used to restart
+    # at the first batch (delivered 4), replaying the data from the start
+    loader = C.load_rank_state(run / "checkpoints" / "step_00000016", 0)["loader"]
+    assert loader["delivered"] == 24 + 4 and loader["world_size"] == 1
 
 
 def _worker_pids(parent: int) -> dict[int, int]:
@@ -174,8 +178,10 @@ def _worker_pids(parent: int) -> dict[int, int]:
 
 
 def test_sigterm_on_one_rank_saves_on_all_and_exits_for_requeue(tokens, tmp_path):
+    """Under torchrun too: plain torchrun exits 1 when workers exit 42 (and SIGTERMs the slower one), so the
+    README's torchrun line goes through vqd_scale.launch.torchrun, whose exit code is the workers' 42."""
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_port()}",
+    cmd = [sys.executable, "-m", "vqd_scale.launch.torchrun", "--nproc_per_node=2", f"--master_port={_port()}",
            "--module", "vqd_scale.cli.train", *_args(tokens, run, 10_000, 2, "checkpoint.every_steps=100000")]
     p = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 180
@@ -186,6 +192,85 @@ def test_sigterm_on_one_rank_saves_on_all_and_exits_for_requeue(tokens, tmp_path
     os.kill(workers[1], signal.SIGTERM)  # only rank 1 is told; rank 0 must agree through the all-reduce
     out, err = p.communicate(timeout=180)
     assert f"exiting with code {EXIT_PREEMPTED}" in out, err[-3000:]
+    assert p.returncode == EXIT_PREEMPTED, err[-3000:]  # the requeue condition of a batch script
     done = C.list_complete(run)
     assert len(done) == 1 and done[0][0] == max(read_metrics(run))  # saved at the last completed step
     assert json.loads((done[0][1] / "complete.json").read_text())["world_size"] == 2
+
+
+def _garble(path: Path, size: int = 4096) -> None:
+    """Overwrite `size` bytes in the middle of a file (same size: only the hashes can tell)."""
+    with open(path, "r+b") as f:
+        f.seek(path.stat().st_size // 2)
+        f.write(b"\x5a" * size)
+
+
+def test_damaged_checkpoint_files_are_named_and_auto_resume_falls_back(zero2_run, tmp_path):
+    """Each kind of damage is named by file; --resume auto skips to the older checkpoint with a warning."""
+    run = tmp_path / "run"
+    shutil.copytree(zero2_run, run)
+    new, old = run / "checkpoints" / "step_00000012", run / "checkpoints" / "step_00000008"
+    info = C.read_complete(new)
+    assert set(info["files"]) >= {C.EMA_FILE, "mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+                                  "rank_00001.pt", C.TRAINER_STATE}
+    assert info["bytes"] == sum(f.stat().st_size for f in new.iterdir() if f.name != C.COMPLETE)
+    for f, want in info["files"].items():  # an independent oracle: hashlib over the bytes on disk
+        assert __import__("hashlib").sha256((new / f).read_bytes()).hexdigest() == want["sha256"]
+    assert C.damaged_among(new, 0, 2) == C.damaged_among(new, 1, 2) == []
+
+    ema = new / C.EMA_FILE
+    ema.write_bytes(ema.read_bytes()[:1000])  # truncated
+    with pytest.raises(C.CheckpointError, match=f"{ema} has 1000 bytes"):
+        C.resolve_resume(run, str(new))
+    with pytest.warns(UserWarning, match=f"{new} is damaged .*{C.EMA_FILE} has 1000 bytes"):
+        assert C.resume_candidates(run, "auto") == [old]
+    with pytest.raises(C.CheckpointError, match=f"{ema} has 1000 bytes"):  # readers (eval, sample) too
+        C.load_weights(new, "ema")
+    shutil.copy(zero2_run / "checkpoints" / "step_00000012" / C.EMA_FILE, ema)
+
+    (new / "mp_rank_00_model_states.pt").unlink()  # deleted model states
+    with pytest.raises(C.CheckpointError, match="mp_rank_00_model_states.pt is missing"):
+        C.resume_candidates(run, str(new))
+    shutil.copy(zero2_run / "checkpoints" / "step_00000012" / "mp_rank_00_model_states.pt", new)
+
+    for name in ("zero_pp_rank_1_mp_rank_00_optim_states.pt", "rank_00001.pt"):  # truncated shard / rank state
+        (new / name).write_bytes((new / name).read_bytes()[:-100])
+        with pytest.raises(C.CheckpointError, match=f"{name} has .* bytes, .* were written"):
+            C.resume_candidates(run, str(new))
+        shutil.copy(zero2_run / "checkpoints" / "step_00000012" / name, new)
+
+    _garble(new / "rank_00001.pt")  # same size: the hash check of the rank that owns it in the split names it
+    assert C.resume_candidates(run, str(new)) == [new]
+    assert C.damaged_among(new, 0, 2) + C.damaged_among(new, 1, 2) == [
+        f"{new / 'rank_00001.pt'} does not match its SHA-256 in complete.json (damaged bytes)"]
+    with pytest.raises(C.CheckpointError, match="rank_00001.pt is unreadable"):  # a reader without the check
+        C.load_rank_state(new, 1)
+    shutil.copy(zero2_run / "checkpoints" / "step_00000012" / "rank_00001.pt", new)
+
+    (new / C.COMPLETE).write_text('{"step": 12, "files": {')  # garbled complete.json
+    with pytest.raises(C.CheckpointError, match=f"{new / C.COMPLETE} is damaged"):
+        C.resume_candidates(run, str(new))
+    with pytest.warns(UserWarning, match="complete.json is damaged"):
+        assert C.resume_candidates(run, "auto") == [old]
+    (old / "trainer_state.pt").unlink()
+    with pytest.raises(C.CheckpointError, match="every checkpoint .* is damaged"), pytest.warns(UserWarning):
+        C.resume_candidates(run, "auto")
+
+
+def test_auto_resume_sets_aside_every_newer_damaged_checkpoint(zero2_run, tmp_path):
+    """A newer checkpoint skipped for a truncated file is renamed too (it used to stay the newest 'complete' one,
+    counted by keep_last and warned about on every resume), and `latest` names the one resumed from."""
+    from types import SimpleNamespace
+
+    from vqd_scale.train import run_dir as R
+    from vqd_scale.train.distributed import DistEnv
+    run = tmp_path / "run"
+    shutil.copytree(zero2_run, run)
+    new = run / "checkpoints" / "step_00000012"
+    (new / "rank_00001.pt").write_bytes(b"")
+    with pytest.warns(UserWarning, match="rank_00001.pt has 0 bytes"):
+        candidates = C.resume_candidates(run, "auto")
+    task = SimpleNamespace(model_config=C.read_complete(candidates[0])["model"])
+    assert R.verified_resume(candidates, "auto", DistEnv(), task, run).name == "step_00000008"
+    assert [s for s, _ in C.list_complete(run)] == [8] and (run / "checkpoints" / "step_00000012.damaged").is_dir()
+    assert C.latest_name(run) == "step_00000008"

@@ -166,6 +166,8 @@ def test_stop_flag_catches_preemption_signals():
     ("optim.lr=-1", "optim.lr"),
     ("optim.bogus=1", "bogus"),
     ("checkpoint.keep_last=0", "checkpoint.keep_last"),
+    ("logging.every_steps=0", "logging.every_steps"),  # was accepted, then a ZeroDivisionError on every rank
+    ("checkpoint.every_minutes=0", "checkpoint.every_minutes"),
 ])
 def test_cli_refuses_bad_values(override, needle, tmp_path, capsys):
     from vqd_scale.cli.train import main
@@ -182,6 +184,46 @@ def test_cli_refuses_bad_config_before_process_group(tmp_path):
                        cwd=REPO, env=env)
     assert r.returncode == 2 and "deepspeed.zero_stage" in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "run").exists()
+
+
+def _data_case(tmp_path, case):
+    """Overrides for a run whose data/precision can be refused from files alone, and the expected message."""
+    from vqd_scale.data.random_shards import write_random_token_shards
+    d = tmp_path / "data"
+    write_random_token_shards(d, 2, 4, (4, 4), 32, tokenizer_id="vqgan-aaaaaaaaaaaa")
+    src = [f'data.sources=[{{name: r, shards: "{d}/{{00000..00001}}.tar"}}]', "model.num_classes=32",
+           "model.height=4", "model.width=4"]
+    if case == "no shards match":
+        return [f'data.sources=[{{name: r, shards: "{d}/nope_{{00000..00001}}.tar"}}]', "model.num_classes=32"], \
+            "none of the shards"
+    if case == "manifest of another tokenizer":
+        m = json.loads((d / "manifest.json").read_text())
+        (d / "manifest.json").write_text(json.dumps({**m, "tokenizer_id": "vqgan-bbbbbbbbbbbb"}))
+        return src, "was extracted with tokenizer_id='vqgan-aaaaaaaaaaaa'"
+    return src + ["deepspeed.precision=bf16"], "deepspeed.precision=bf16 needs a GPU"
+
+
+@pytest.mark.parametrize("case", ["no shards match", "manifest of another tokenizer", "bf16 on CPU"])
+def test_data_and_precision_refused_before_process_group(tmp_path, case):
+    """These were raised only after the process group and the engine had started (rank 1 of 2 is missing
+    here: a process group would hang, and the timeout would fail the test)."""
+    overrides, needle = _data_case(tmp_path, case)
+    env = dict(os.environ, RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="1", DS_ACCELERATOR="cpu")
+    r = subprocess.run([sys.executable, "-m", "vqd_scale.cli.train", TINY, *overrides, f"run_dir={tmp_path}/run",
+                        "logging.wandb_mode=disabled"], capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_unwritable_run_dir_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    overrides, _ = _data_case(tmp_path, "bf16 on CPU")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    r = subprocess.run([sys.executable, "-m", "vqd_scale.cli.train", TINY, *overrides[:-1],
+                        f"run_dir={tmp_path}/file/run", "logging.wandb_mode=disabled"], capture_output=True, text=True,
+                       timeout=300, cwd=REPO, env=dict(env, DS_ACCELERATOR="cpu", WANDB_MODE="disabled"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f"run_dir {tmp_path}/file/run cannot be written (Not a directory" in r.stderr, r.stderr[-2000:]
 
 
 def _wandb_run(monkeypatch, tmp_path, fail_init=None):

@@ -235,6 +235,18 @@ def validate(cfg: RunConfig) -> RunConfig:
 
     _check(cfg.task in ("vqd", "prior"), "task", f"got {cfg.task!r}; use 'vqd' or 'prior'")
     _check(cfg.max_samples > 0, "max_samples", "must be > 0")
+    for key, seed in (("seed", cfg.seed), ("data.seed", cfg.data.seed), ("eval.seed", cfg.eval.seed)):
+        _check(seed >= 0, key, f"got {seed}; seeds must be >= 0")
+    # every interval and count is checked here: a zero divides or loops forever only after launch
+    _check(cfg.logging.every_steps >= 1, "logging.every_steps", "must be >= 1 (log every N optimizer steps)")
+    _check(cfg.checkpoint.every_minutes > 0, "checkpoint.every_minutes",
+           "must be > 0 (a large value turns time-based checkpoints off)")
+    _check(cfg.checkpoint.milestone_every >= 0, "checkpoint.milestone_every", "must be >= 0 (0 = no milestones)")
+    for key, v in (("model.layers", cfg.model.layers), ("model.dim", cfg.model.dim), ("model.heads", cfg.model.heads),
+                   ("prior.layers", cfg.prior.layers), ("prior.dim", cfg.prior.dim), ("prior.heads", cfg.prior.heads),
+                   ("text.tiny_width", cfg.text.tiny_width), ("text.tiny_layers", cfg.text.tiny_layers),
+                   ("text.tiny_heads", cfg.text.tiny_heads), ("text.tiny_embed_dim", cfg.text.tiny_embed_dim)):
+        _check(v is None or v >= 1, key, f"got {v}; must be >= 1 (or unset for the size's value)")
     d = cfg.diffusion
     _check(d.preset in (*SCHEDULE_PRESETS, "custom"), "diffusion.preset",
            f"got {d.preset!r}; use one of {sorted(SCHEDULE_PRESETS)} or 'custom' with all four endpoints")
@@ -284,6 +296,9 @@ def validate(cfg: RunConfig) -> RunConfig:
            "must be >= 1e6 (smaller buckets make ZeRO communication latency-bound)")
     o = cfg.optim
     _check(o.lr > 0, "optim.lr", f"got {o.lr}; must be > 0")
+    _check(o.eps > 0, "optim.eps", "must be > 0")
+    _check(o.warmup_samples >= 0, "optim.warmup_samples", "must be >= 0")
+    _check(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")
     _check(all(0.0 <= b < 1.0 for b in o.betas), "optim.betas", "each beta must be in [0, 1)")
     _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     _check(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
@@ -305,6 +320,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(0.0 <= s.text_dropout < 1.0, "shifted.text_dropout", "must be in [0, 1)")
     _check(s.mixture_lr_scale > 0, "shifted.mixture_lr_scale", "must be > 0")
     _check(s.num_aux_draws >= 1, "shifted.num_aux_draws", "must be >= 1")
+    _check(s.guidance_scale >= 0, "shifted.guidance_scale", "must be >= 0 (1 = no guidance)")
     p = cfg.prior
     _check(p.num_components >= 1, "prior.num_components", "must be >= 1 (the k of the mixture)")
     _check(p.embed_dim >= 1 and p.context_dim >= 1 and p.context_len >= 1, "prior.embed_dim",

@@ -4,10 +4,11 @@
     for batch in loader: ...            # infinite; batches as in docs/architecture.md ("Batches")
     state = loader.state_dict()         # exact position (per-worker stream positions)
     loader.load_state_dict(state)       # a rebuilt loader continues with the very next batch
+    loader.seek(samples_seen)           # another world size: where this one is after that many samples
 
 Each rank runs `num_workers` deterministic streams (one per DataLoader worker; torch hands out
-their batches round-robin), each a function of (seed, rank, stream, epoch, position) — see
-data/stream.py. Every rank yields the same number of batches per virtual epoch.
+their batches round-robin), each a function of (seed, rank, stream, position) — see data/stream.py.
+Every rank yields the same number of batches per virtual epoch.
 """
 from __future__ import annotations
 
@@ -22,10 +23,11 @@ import torch
 
 from vqd_scale.config import DataConfig
 from vqd_scale.data import schema
-from vqd_scale.data.stream import Position, SourceSpec, StreamSpec, stream_batches
+from vqd_scale.data.stream import MixSchedule, Position, SourceSpec, StreamSpec, stream_batches
 
 log = logging.getLogger(__name__)
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: stream positions count raw samples since the stream began (1: since the epoch began)
+MARKERS_CHECKED = 16  # done-markers per source compared with the manifest (evenly spaced; each is one small read)
 
 
 class _Streams(torch.utils.data.IterableDataset):
@@ -141,6 +143,7 @@ class TokenLoader:
         if not manifest.get("complete", True):
             log.warning("data source %r: manifest %s lists %d input shards not extracted yet; training on the "
                         "finished ones", name, mpath, len(manifest.get("pending_inputs", [])))
+        self._check_markers(name, shards, mpath, manifest)
         known = {s["name"]: s["count"] for s in manifest.get("shards", [])}
         counts: list[Optional[int]] = []
         for p in shards:
@@ -158,6 +161,28 @@ class TokenLoader:
             raise ValueError(f"data source {name!r}: every shard is empty (0 valid samples in the done-markers); "
                              f"re-run vqd-extract and check its skip counts")
         return [p for p, _ in kept], [n for _, n in kept], manifest
+
+    @staticmethod
+    def _check_markers(name: str, shards: list[str], mpath: str, manifest: dict) -> None:
+        """Refuse a manifest that does not describe these shards: the done-markers vqd-extract wrote beside
+        each shard name the tokenizer, K and token shape the shard was really extracted with."""
+        local = [p for p in shards if _local(p)]
+        step = max(1, len(local) // MARKERS_CHECKED)
+        for p in local[::step][:MARKERS_CHECKED] + local[-1:]:
+            marker = schema.done_marker_path(p)
+            if not marker.exists():
+                continue
+            try:
+                got = json.loads(marker.read_text())
+            except (OSError, ValueError) as e:
+                raise ValueError(f"data source {name!r}: done-marker {marker} is unreadable ({e}); re-run "
+                                 "vqd-extract for that shard") from None
+            for k in ("tokenizer_id", "num_classes", "token_shape"):
+                if k in got and manifest.get(k) is not None and got[k] != manifest[k]:
+                    raise ValueError(
+                        f"data source {name!r}: manifest {mpath} says {k}={manifest[k]!r} but shard {p} was "
+                        f"extracted with {k}={got[k]!r} (its done-marker {marker.name}); the manifest belongs "
+                        "to other shards — rewrite it with vqd-extract (or fix data.sources / data.manifest)")
 
     def __iter__(self) -> Iterator[dict]:
         """Infinite batches from the current position (a fresh DataLoader each call)."""
@@ -204,6 +229,18 @@ class TokenLoader:
                 "num_streams": self.num_streams, "sources": [s.name for s in self.spec.sources],
                 "batches_per_epoch": self.batches_per_epoch, "delivered": self._delivered,
                 "positions": [[p.epoch, p.batch, list(p.src_pos)] for p in self._positions]}
+
+    def seek(self, samples_seen: int) -> None:
+        """Start where this loader would be after `samples_seen` samples over all ranks (a resume on another
+        world size, whose saved positions belong to other streams): the data goes on from there instead
+        of replaying the start. Raw positions count every record as valid (exact for clean shards)."""
+        per_rank = samples_seen // (self.world_size * self.cfg.batch_size)  # batches this rank would have had
+        bpe, B = self.spec.batches_per_epoch, self.cfg.batch_size
+        positions = []
+        for stream in range(self.num_streams):
+            n = per_rank // self.num_streams + (stream < per_rank % self.num_streams)  # round-robin over workers
+            positions.append(Position(n // bpe, n % bpe, MixSchedule(self.spec, stream).counts(n * B)))
+        self._positions, self._delivered = positions, per_rank
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved position; refuses a state that would silently revisit or skip data."""

@@ -30,8 +30,9 @@ def write_random_token_shards(out_dir: str | Path, num_shards: int, per_shard: i
                 sink.write(schema.encode_record(
                     key, rng.integers(0, num_classes, size=token_shape), rng.integers(0, 49408, size=77),
                     f"caption {key}", {"source": "random", "tokenizer_id": tokenizer_id}, emb(), emb()))
-        schema.write_json_atomic(schema.done_marker_path(path), {"output": path.name, "written": per_shard,
-                                                                  "skipped": {}, "all_invalid": False})
+        schema.write_json_atomic(schema.done_marker_path(path), {
+            "output": path.name, "written": per_shard, "skipped": {}, "all_invalid": False,
+            "tokenizer_id": tokenizer_id, "num_classes": num_classes, "token_shape": list(token_shape)})
         paths.append(path)
         shards.append({"name": path.name, "count": per_shard})
     schema.write_json_atomic(out / schema.MANIFEST, {

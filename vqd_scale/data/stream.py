@@ -1,5 +1,9 @@
 """Worker side of the loader: one deterministic batch stream per (rank, stream), a function of
-(seed, rank, stream, epoch, position) so resuming = skipping to a position (shard counts, not decoding).
+(seed, rank, stream, position) so resuming = skipping to a position (shard counts, not decoding).
+
+A stream is one endless sequence of raw samples per source; virtual epochs only cut it into equal
+batch counts (every rank and stream yields `batches_per_epoch` per epoch) and do not restart it, so
+with `resampled=false` an epoch shorter than a shard still reads every shard to its end, pass after pass.
 
 Stages (run inside a DataLoader worker, composed in loader.py with wds.DataPipeline):
 mixed raw samples (weighted interleave of per-source resampled shard readers) → decode/validate →
@@ -58,7 +62,7 @@ class StreamSpec:
 
 @dataclass
 class Position:
-    """Where a stream is: epoch, batches done in it, raw samples consumed per source."""
+    """Where a stream is: epoch, batches done in it, raw samples consumed per source since the stream began."""
     epoch: int = 0
     batch: int = 0
     src_pos: list[int] = field(default_factory=list)
@@ -69,11 +73,11 @@ def _rng(*key: int) -> np.random.Generator:
 
 
 class MixSchedule:
-    """Source index of the n-th raw sample of a stream's epoch; fixed-size chunks with their own seed give random access."""
+    """Source index of the n-th raw sample of a stream; fixed-size chunks with their own seed give random access."""
 
-    def __init__(self, spec: StreamSpec, stream: int, epoch: int):
+    def __init__(self, spec: StreamSpec, stream: int):
         w = np.array([s.weight for s in spec.sources], dtype=np.float64)
-        self.p, self.key = w / w.sum(), (spec.seed, spec.rank, stream, epoch, _MIX)
+        self.p, self.key = w / w.sum(), (spec.seed, spec.rank, stream, _MIX)
         self.chunk, self.draws = -1, None
 
     def __call__(self, index: int) -> int:
@@ -83,17 +87,36 @@ class MixSchedule:
             self.draws = _rng(*self.key, chunk).choice(len(self.p), size=MIX_CHUNK, p=self.p).tolist()
         return self.draws[off]
 
+    def counts(self, n: int) -> list[int]:
+        """Raw samples taken from each source among the stream's first n."""
+        out = np.zeros(len(self.p), dtype=np.int64)
+        full, rest = divmod(n, MIX_CHUNK)
+        if len(self.p) == 1:
+            return [n]
+        for chunk in range(full + (rest > 0)):
+            draws = _rng(*self.key, chunk).choice(len(self.p), size=MIX_CHUNK, p=self.p)
+            out += np.bincount(draws[: rest if chunk == full else MIX_CHUNK], minlength=len(self.p))
+        return out.tolist()
 
-def shard_sequence(spec: StreamSpec, stream: int, epoch: int, k: int) -> Iterator[int]:
-    """Shard indices of source k this stream reads, in order: resampled draws, or cycles over its own split."""
+
+def own_shards(spec: StreamSpec, stream: int, k: int) -> list[int]:
+    """Source k's shards this stream reads when not resampling: every (world × streams)-th one."""
+    return list(range(len(spec.sources[k].shards)))[spec.rank * spec.num_streams + stream::spec.world_size * spec.num_streams]
+
+
+def shard_sequence(spec: StreamSpec, stream: int, k: int, first_pass: int = 0) -> Iterator[int]:
+    """Shard indices of source k this stream reads, in order: resampled draws, or passes over its own split
+    (each pass a fresh permutation), starting at pass `first_pass`."""
     src = spec.sources[k]
-    rng = _rng(spec.seed, spec.rank, stream, epoch, _SHARDS, k)
     if spec.resampled:
+        rng = _rng(spec.seed, spec.rank, stream, _SHARDS, k)
         while True:
             yield from rng.integers(len(src.shards), size=256).tolist()
-    mine = list(range(len(src.shards)))[spec.rank * spec.num_streams + stream::spec.world_size * spec.num_streams]
+    mine = own_shards(spec, stream, k)
+    p = first_pass
     while True:
-        yield from rng.permutation(mine).tolist()
+        yield from _rng(spec.seed, spec.rank, stream, _SHARDS, k, p).permutation(mine).tolist()
+        p += 1
 
 
 def count_samples(path: str) -> int:
@@ -185,12 +208,18 @@ def read_shard(path: str, errors: dict) -> Iterator[dict]:
         yield sample
 
 
-def source_samples(spec: StreamSpec, stream: int, epoch: int, k: int, skip: int, errors: dict,
+def source_samples(spec: StreamSpec, stream: int, k: int, skip: int, errors: dict,
                    counts_cache: dict) -> Iterator[dict]:
-    """Raw samples of source k for this (stream, epoch), starting after `skip` raw samples."""
+    """Raw samples of source k for this stream, starting after `skip` raw samples."""
     src = spec.sources[k]
-    empty_streak = 0
-    for seq_i, shard in enumerate(shard_sequence(spec, stream, epoch, k)):
+    empty_streak, first_pass, seq_base = 0, 0, 0
+    mine = own_shards(spec, stream, k)
+    if not spec.resampled and all(src.counts[i] for i in mine):
+        # whole passes before the resume point are skipped arithmetically, not shard by shard
+        per_pass = sum(src.counts[i] for i in mine)
+        first_pass, skip = divmod(skip, per_pass)
+        seq_base = first_pass * len(mine)
+    for seq_i, shard in enumerate(shard_sequence(spec, stream, k, first_pass), start=seq_base):
         if empty_streak > 2 * len(src.shards) + 8:  # cycling through shards that yield nothing would hang
             raise RuntimeError(f"data loader rank {spec.rank} stream {stream}: source {src.name!r} yielded no sample "
                                f"from {empty_streak} shards in a row (last error: {errors.get('_last')}); "
@@ -202,14 +231,14 @@ def source_samples(spec: StreamSpec, stream: int, epoch: int, k: int, skip: int,
             skip -= n
             continue
         got = 0
-        for sample in _shuffled(spec, stream, epoch, k, seq_i, read_shard(src.shards[shard], errors), skip):
+        for sample in _shuffled(spec, stream, k, seq_i, read_shard(src.shards[shard], errors), skip):
             got += 1
             yield sample
         empty_streak = 0 if got else empty_streak + 1
         skip = 0
 
 
-def _shuffled(spec: StreamSpec, stream: int, epoch: int, k: int, seq_i: int, it: Iterator[dict],
+def _shuffled(spec: StreamSpec, stream: int, k: int, seq_i: int, it: Iterator[dict],
               skip: int) -> Iterator[dict]:
     """Permute the shard in blocks of spec.block samples (deterministically); drop the first `skip`."""
     if spec.block <= 0:
@@ -226,7 +255,7 @@ def _shuffled(spec: StreamSpec, stream: int, epoch: int, k: int, seq_i: int, it:
             skip -= len(block)
             b += 1
             continue
-        order = _rng(spec.seed, spec.rank, stream, epoch, _BLOCK, k, seq_i, b).permutation(len(block))
+        order = _rng(spec.seed, spec.rank, stream, _BLOCK, k, seq_i, b).permutation(len(block))
         for j in order[skip:]:
             yield block[j]
         skip, b = 0, b + 1
@@ -306,12 +335,12 @@ def collate(spec: StreamSpec, items: list[dict], drop: np.ndarray) -> dict:
     return batch
 
 
-def mixed_raw(spec: StreamSpec, stream: int, epoch: int, src_pos: list[int], errors: dict) -> Iterator[dict]:
+def mixed_raw(spec: StreamSpec, stream: int, src_pos: list[int], errors: dict) -> Iterator[dict]:
     """Stage 1: weighted interleave of the sources' raw samples, each tagged with `_src_pos` after it."""
     counts_cache: dict = {}
     pos = list(src_pos)
-    iters = [source_samples(spec, stream, epoch, k, pos[k], errors, counts_cache) for k in range(len(spec.sources))]
-    mix = MixSchedule(spec, stream, epoch)
+    iters = [source_samples(spec, stream, k, pos[k], errors, counts_cache) for k in range(len(spec.sources))]
+    mix = MixSchedule(spec, stream)
     while True:
         k = mix(sum(pos))
         raw = next(iters[k])
@@ -359,7 +388,7 @@ def epoch_pipeline(spec: StreamSpec, stream: int, start: Position, errors: dict)
 
     src_pos = list(start.src_pos) or [0] * len(spec.sources)
     pipeline = [
-        partial(mixed_raw, spec, stream, start.epoch, src_pos, errors),  # resampled shards, weighted mix
+        partial(mixed_raw, spec, stream, src_pos, errors),  # shard sequences, weighted mix
         decoded(spec, stream, errors),  # np.frombuffer records, validation, watchdog
         batched(spec, stream, start.epoch, start.batch, errors),  # collate inside the worker
         wds.slice(spec.batches_per_epoch - start.batch),  # same batch count on every rank and stream
@@ -368,9 +397,12 @@ def epoch_pipeline(spec: StreamSpec, stream: int, start: Position, errors: dict)
 
 
 def stream_batches(spec: StreamSpec, stream: int, start: Position) -> Iterator[dict]:
-    """Infinite batches of one stream from `start`, epoch after epoch."""
+    """Infinite batches of one stream from `start`, epoch after epoch; the raw samples continue across epochs."""
     errors: dict = {}
     pos = start
     while True:
-        yield from epoch_pipeline(spec, stream, pos, errors)
-        pos = Position(pos.epoch + 1, 0, [0] * len(spec.sources))
+        src_pos = list(pos.src_pos) or [0] * len(spec.sources)
+        for batch in epoch_pipeline(spec, stream, pos, errors):
+            src_pos = list(batch["_pos"][3])  # raw samples consumed up to this batch (nothing is read ahead)
+            yield batch
+        pos = Position(pos.epoch + 1, 0, src_pos)

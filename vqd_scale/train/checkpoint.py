@@ -5,21 +5,33 @@ RUN_DIR/checkpoints/step_XXXXXXXX/ holds DeepSpeed's ZeRO shards (model + optimi
 (RNG states, loader state), `config.yaml`, `ema.safetensors` — and `complete.json`, written last
 by rank 0 after a barrier. `latest` names the newest complete checkpoint and is replaced atomically
 after `complete.json`, so a crash at any point leaves the previous checkpoint loadable and named.
+
+`complete.json` lists every file with its size and SHA-256 (`sha256sum` checks them by hand); each
+rank hashes the files it wrote. Resuming checks sizes on every rank and the hashes split over the
+ranks; a damaged checkpoint is refused by file name or, under `--resume auto`, set aside
+(`step_XXXXXXXX.damaged`) in favour of the previous one. A save that finds too little disk space
+stops the run with one line naming the run directory and the space a checkpoint needs, and leaves the
+previous checkpoint and `latest` as they were.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
 import signal
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from vqd_scale.train import distributed as D
+from vqd_scale.train.disk_space import no_space_message, out_of_space
 
 # Run-directory layout (docs/architecture.md): the one place these names are defined.
 CONFIG_FILE = "config.yaml"  # fully resolved RunConfig, in RUN_DIR and in every checkpoint
@@ -31,9 +43,21 @@ COMPLETE = "complete.json"
 LATEST = "latest"
 EMA_FILE = "ema.safetensors"
 TRAINER_STATE = "trainer_state.pt"
+LOCK_FILE = "train.lock"  # held by the one training job writing the run directory (train/run_lock.py)
+DAMAGED_SUFFIX = ".damaged"  # a checkpoint whose files fail their sizes/hashes, set aside on resume
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
+# rank encoded in the names of the files one rank writes (DeepSpeed's ZeRO shards, our rank states)
+_RANK_FILE_RE = re.compile(r"^(?:zero_pp_rank_(\d+)_.*|rank_(\d+)\.pt)$")
 # Test hook: SIGKILL after the shards are written but before complete.json (simulates a kill mid-save).
 CRASH_ENV = "VQD_TEST_KILL_BEFORE_COMPLETE"  # value: the step whose save is SIGKILLed
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as it is; the message names the file and what is wrong."""
+
+
+class NoSpaceError(ValueError):
+    """Too little disk space for a checkpoint; the message names the run directory and the space needed."""
 
 
 def ckpt_name(step: int) -> str:
@@ -63,25 +87,89 @@ def list_complete(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
 
 
 def read_complete(ckpt_dir: str | os.PathLike) -> dict:
-    """The `complete.json` of a checkpoint; refuses an incomplete one."""
+    """The `complete.json` of a checkpoint; refuses an incomplete one and names a damaged one."""
     p = Path(ckpt_dir) / COMPLETE
     if not p.is_file():
         raise FileNotFoundError(f"{ckpt_dir} has no {COMPLETE}: it is incomplete (a save was interrupted); "
                                 "use another checkpoint or --resume auto")
-    return json.loads(p.read_text())
+    try:
+        info = json.loads(p.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{p} is damaged (not JSON: {e}); use another checkpoint or --resume auto") from None
+    if not isinstance(info, dict) or not isinstance(info.get("files", {}), dict):
+        raise CheckpointError(f"{p} is damaged (not a checkpoint record); use another checkpoint or --resume auto")
+    return info
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_problems(ckpt_dir: str | os.PathLike, info: dict, hash_names: Optional[list[str]] = None) -> list[str]:
+    """What is wrong with the files `complete.json` lists: missing or of another size (all of them), another
+    SHA-256 (those in `hash_names`; None = all). Empty for a checkpoint written before files were listed."""
+    ckpt_dir, out = Path(ckpt_dir), []
+    files = info.get("files", {})
+    for name in sorted(files):
+        want = files[name]
+        path = ckpt_dir / name
+        if not path.is_file():
+            out.append(f"{path} is missing")
+        elif path.stat().st_size != want["bytes"]:
+            out.append(f"{path} has {path.stat().st_size} bytes, {want['bytes']} were written (truncated or replaced)")
+        elif (hash_names is None or name in hash_names) and sha256_file(path) != want["sha256"]:
+            out.append(f"{path} does not match its SHA-256 in {COMPLETE} (damaged bytes)")
+    return out
+
+
+def verify(ckpt_dir: str | os.PathLike, names: Optional[list[str]] = None) -> dict:
+    """complete.json of a checkpoint whose files (or just `names`) are intact; raises CheckpointError naming them."""
+    info = read_complete(ckpt_dir)
+    listed = info.get("files", {})
+    bad = file_problems(ckpt_dir, {"files": {n: listed[n] for n in listed if names is None or n in names}})
+    if bad:
+        raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: {'; '.join(bad)}; use another checkpoint")
+    return info
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: the checkpoint is damaged; use another checkpoint") from None
+    except Exception as e:  # torch raises RuntimeError / UnpicklingError / EOFError / zipfile errors for bad bytes
+        raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: {str(e)[:200]}): the checkpoint is "
+                              "damaged; use another checkpoint") from None
+
+
+def load_ema(ckpt_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The EMA weights of a checkpoint (checked against complete.json), named when damaged."""
+    path = Path(ckpt_dir) / EMA_FILE
+    verify(ckpt_dir, [EMA_FILE])
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: the checkpoint is damaged; use another checkpoint") from None
+    except Exception as e:  # safetensors raises SafetensorError for truncated or garbled files
+        raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: {e}): the checkpoint is damaged; "
+                              "use another checkpoint") from None
 
 
 def load_weights(ckpt_dir: str | os.PathLike, which: str = "ema") -> dict[str, torch.Tensor]:
     """Consolidated fp32 weights of the trainable module: `ema` (EMA) or `model` (raw, from ZeRO shards)."""
     ckpt_dir = Path(ckpt_dir)
-    info = read_complete(ckpt_dir)
     if which == "ema":
-        return load_file(str(ckpt_dir / EMA_FILE))
+        return load_ema(ckpt_dir)
     if which != "model":
         raise ValueError(f"which={which!r}; use 'ema' or 'model'")
+    info = verify(ckpt_dir)
     if info.get("zero_stage", 0) == 0:
         # Stage 0 keeps a full copy of the module in the model-states file.
-        sd = torch.load(ckpt_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        sd = _torch_load(ckpt_dir / "mp_rank_00_model_states.pt")["module"]
         return {k: v.float() for k, v in sd.items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
@@ -90,16 +178,73 @@ def load_weights(ckpt_dir: str | os.PathLike, which: str = "ema") -> dict[str, t
 
 def resolve_resume(run_dir: str | os.PathLike, resume: str) -> Optional[Path]:
     """`none` → None; `auto` → newest complete checkpoint (or None); else that path, which must be complete."""
+    found = resume_candidates(run_dir, resume)
+    return found[0] if found else None
+
+
+def resume_candidates(run_dir: str | os.PathLike, resume: str, quiet: bool = False) -> list[Path]:
+    """Checkpoints to resume from, best first, each complete with its files present at their sizes (hashes
+    are checked later, split over the ranks: `damaged_among`). `auto`: every complete one, newest first,
+    skipping damaged ones with a warning (refused when all are); a path: just it, refused when damaged."""
     if resume == "none":
-        return None
-    if resume == "auto":
-        done = list_complete(run_dir)
-        return done[-1][1] if done else None
-    p = Path(resume)
-    if _STEP_RE.match(p.name) is None and (p / LATEST).is_file():  # a checkpoints/ dir: follow `latest`
-        p = p / (p / LATEST).read_text().strip()
-    read_complete(p)  # raises with a message when incomplete or missing
-    return p
+        return []
+    if resume != "auto":
+        p = Path(resume)
+        if _STEP_RE.match(p.name) is None and (p / LATEST).is_file():  # a checkpoints/ dir: follow `latest`
+            p = p / (p / LATEST).read_text().strip()
+        bad = file_problems(p, read_complete(p), hash_names=[])  # raises with a message when incomplete
+        if bad:
+            raise CheckpointError(f"checkpoint {p} is damaged: {'; '.join(bad)}; resume from another one")
+        return [p]
+    good, damaged = [], []
+    for step, p in reversed(list_complete(run_dir)):
+        try:
+            bad = file_problems(p, read_complete(p), hash_names=[])
+        except CheckpointError as e:
+            bad = [str(e)]
+        (damaged.append((step, p, bad)) if bad else good.append((step, p)))
+    for step, p, bad in damaged if not quiet else []:
+        if not good or step > good[0][0]:  # an older damaged one matters only when the newer ones fail too
+            warnings.warn(f"checkpoint {p} is damaged ({'; '.join(bad)}); resuming from an older one", stacklevel=2)
+    if damaged and not good:
+        raise CheckpointError(f"every checkpoint in {Path(run_dir) / CKPT_DIR} is damaged (newest: "
+                              f"{'; '.join(damaged[0][2])}); restore one or start a new run_dir")
+    return [p for _, p in good]
+
+
+def damaged_among(ckpt_dir: Path, rank: int, world_size: int) -> list[str]:
+    """This rank's share of the hash check of a resume checkpoint (every world_size-th listed file)."""
+    names = sorted(read_complete(ckpt_dir).get("files", {}))[rank::world_size]
+    return file_problems(ckpt_dir, read_complete(ckpt_dir), hash_names=names)
+
+
+def set_aside(ckpt_dir: Path) -> Path:
+    """Rename a damaged checkpoint so no resume, evaluator or retention rule takes it again; `latest` then
+    names the newest complete one left."""
+    dest = ckpt_dir.with_name(ckpt_dir.name + DAMAGED_SUFFIX)
+    n = 1
+    while dest.exists():
+        dest, n = ckpt_dir.with_name(f"{ckpt_dir.name}{DAMAGED_SUFFIX}{n}"), n + 1
+    os.replace(ckpt_dir, dest)
+    run_dir = ckpt_dir.parent.parent
+    done = list_complete(run_dir)
+    if done and latest_name(run_dir) == ckpt_dir.name:
+        _write_atomic(ckpt_dir.parent / LATEST, done[-1][1].name + "\n")
+    return dest
+
+
+def latest_name(run_dir: str | os.PathLike) -> Optional[str]:
+    """The checkpoint `latest` names (None before the first)."""
+    p = Path(run_dir) / CKPT_DIR / LATEST
+    return p.read_text().strip() if p.is_file() else None
+
+
+def checkpoint_bytes(ckpt_dir: Path) -> int:
+    """Bytes a checkpoint takes (recorded in complete.json; summed from the files for older ones)."""
+    info = read_complete(ckpt_dir)
+    if "bytes" in info:
+        return int(info["bytes"])
+    return sum(f.stat().st_size for f in ckpt_dir.iterdir() if f.is_file())
 
 
 def rng_state() -> dict[str, Any]:
@@ -118,10 +263,23 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _owned_files(path: Path, rank: int) -> list[str]:
+    """Files of a checkpoint directory that `rank` wrote: those named after it, and everything else for rank 0
+    (each rank lists the directory itself; on NFS another node's new files may not be listed yet)."""
+    out = []
+    for f in path.iterdir():
+        m = _RANK_FILE_RE.match(f.name)
+        owner = int(next(g for g in m.groups() if g is not None)) if m else 0
+        if f.is_file() and owner == rank and f.name != COMPLETE and not f.name.startswith("."):
+            out.append(f.name)
+    return sorted(out)
+
+
 def save_checkpoint(run_dir: Path, step: int, engine, rank: int, world_size: int, trainer_state: dict,
                     rank_state: dict, ema_state: Optional[dict[str, torch.Tensor]], config_yaml: str,
-                    barrier, keep_last: int, milestone_every: int) -> Path:
-    """Write one checkpoint from every rank (collective); returns its directory."""
+                    keep_last: int, milestone_every: int, need_bytes: int) -> Path:
+    """Write one checkpoint from every rank (collective); returns its directory. Out of disk space: removes
+    the partial directory and raises NoSpaceError on every rank (`latest` still names the previous one)."""
     root = run_dir / CKPT_DIR
     name = ckpt_name(step)
     path = root / name
@@ -129,26 +287,53 @@ def save_checkpoint(run_dir: Path, step: int, engine, rank: int, world_size: int
         root.mkdir(parents=True, exist_ok=True)
         if path.exists():  # leftovers of an interrupted save of this same step
             shutil.rmtree(path)
-    barrier()
-    # DeepSpeed writes the ZeRO shards of every rank into root/name (collective).
-    engine.save_checkpoint(str(root), tag=name, save_latest=False)
-    torch.save({"rng": rank_state["rng"], "loader": rank_state.get("loader")}, path / f"rank_{rank:05d}.pt")
-    if rank == 0:
-        torch.save(trainer_state, path / TRAINER_STATE)
-        (path / CONFIG_FILE).write_text(config_yaml)
-        if ema_state is not None:
-            save_file(ema_state, str(path / EMA_FILE))
-    barrier()  # every rank's files exist before the checkpoint is declared complete
+    D.all_gather_object(None)
+    try:
+        # DeepSpeed writes the ZeRO shards of every rank into root/name (collective).
+        engine.save_checkpoint(str(root), tag=name, save_latest=False)
+    except Exception as e:
+        # Its collectives cannot be rejoined from here: this rank stops with the message (a one-process run
+        # cleanly; with several ranks the others stop when their next collective finds it gone).
+        if out_of_space(e, root):
+            if world_size == 1:
+                shutil.rmtree(path, ignore_errors=True)
+            raise NoSpaceError(no_space_message(run_dir, need_bytes, latest_name(run_dir))) from None
+        raise
+    error: Optional[BaseException] = None
+    records: dict[str, dict] = {}
+    try:
+        torch.save({"rng": rank_state["rng"], "loader": rank_state.get("loader")}, path / f"rank_{rank:05d}.pt")
+        if rank == 0:
+            torch.save(trainer_state, path / TRAINER_STATE)
+            (path / CONFIG_FILE).write_text(config_yaml)
+            if ema_state is not None:
+                save_file(ema_state, str(path / EMA_FILE))
+        records = {n: {"bytes": (path / n).stat().st_size, "sha256": sha256_file(path / n)}
+                   for n in _owned_files(path, rank)}
+    except Exception as e:
+        error = e
+    # every rank's files exist (or some rank failed) before the checkpoint is declared complete
+    status = D.all_gather_object((error is not None, error is not None and out_of_space(error, root), records))
     if os.environ.get(CRASH_ENV) == str(step):
         os.kill(os.getpid(), signal.SIGKILL)  # every rank dies here, as in a node loss mid-save
+    if any(failed for failed, _, _ in status):
+        if rank == 0:
+            shutil.rmtree(path, ignore_errors=True)
+        if any(full for _, full, _ in status):
+            raise NoSpaceError(no_space_message(run_dir, need_bytes, latest_name(run_dir))) from None
+        if error is not None:
+            raise error
+        raise CheckpointError(f"checkpoint {path} not written: another rank failed to write its files (see its error)")
     if rank == 0:
+        files = {n: r for _, _, recs in status for n, r in recs.items()}
         # "model" is the task's model config: readers compare it to refuse another model size.
         info = {"step": step, "samples_seen": trainer_state["samples_seen"], "world_size": world_size,
-                "zero_stage": trainer_state["zero_stage"], "model": trainer_state["model_config"]}
+                "zero_stage": trainer_state["zero_stage"], "model": trainer_state["model_config"],
+                "files": files, "bytes": sum(r["bytes"] for r in files.values())}
         _write_atomic(path / COMPLETE, json.dumps(info, indent=1, sort_keys=True))
         _write_atomic(root / LATEST, name + "\n")
         prune(run_dir, keep_last, milestone_every)
-    barrier()
+    D.all_gather_object(None)
     return path
 
 
@@ -171,11 +356,11 @@ def prune(run_dir: Path, keep_last: int, milestone_every: int) -> list[Path]:
 
 
 def load_trainer_state(ckpt_dir: Path) -> dict:
-    return torch.load(ckpt_dir / TRAINER_STATE, map_location="cpu", weights_only=False)
+    return _torch_load(ckpt_dir / TRAINER_STATE)
 
 
 def load_rank_state(ckpt_dir: Path, rank: int) -> dict:
-    return torch.load(ckpt_dir / f"rank_{rank:05d}.pt", map_location="cpu", weights_only=False)
+    return _torch_load(ckpt_dir / f"rank_{rank:05d}.pt")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -168,3 +168,21 @@ def agree(flags: list[bool], device: torch.device) -> list[bool]:
     if world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [bool(v > 0) for v in t.tolist()]
+
+
+def all_gather_object(obj):
+    """`obj` from every rank, in rank order (picklable objects; also a barrier)."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def from_main(obj):
+    """Rank 0's `obj` on every rank (e.g. a refusal only rank 0 can decide, raised by all alike)."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -5,7 +5,17 @@ updated every `ema_every` steps (the official recipe: decay 0.99 every 25 iterat
 each rank only holds a shard, so the update gathers the full parameters with
 `deepspeed.zero.GatheredParameters` — a collective, hence every rank calls `update` — one chunk of
 parameters at a time so the gather never materialises much more than `chunk_numel` extra elements.
-Under ZeRO 0–2 every rank already holds full parameters and no communication happens. Sharding the
+Under ZeRO 0–2 every rank already holds full parameters and no communication happens.
+
+The gather must leave ZeRO-3's parameter state exactly as it found it. `GatheredParameters` partitions
+on exit every parameter it was handed, including the small *persistent* ones ZeRO-3 keeps resident
+(`ds_persist`) and expects to find resident: a weight read directly in another module's forward
+(`self.row_emb.weight`) that is partitioned at that moment is registered as an external parameter of
+that module on the fly, so the module's parameter set changes under an already recorded prefetch trace
+and the next backward dies with "tracing error ... expected the next N parameters in the parameter
+fetch queue". A fresh run hid this (the EMA's first gather ran before the trace was recorded);
+`load_checkpoint` re-gathers the persistent parameters, so every resumed run hit it. Hence only
+parameters that are not already available are gathered (and so partitioned again) here. Sharding the
 EMA like ZeRO-3 shards the weights would save 4Ψ on rank 0 but needs a consolidation pass for every
 `ema.safetensors`; a full copy on rank 0 writes it directly.
 """
@@ -22,6 +32,12 @@ def _is_zero3(p: nn.Parameter) -> bool:
     return hasattr(p, "ds_id")  # DeepSpeed ZeRO-3 tags partitioned parameters
 
 
+def _available(p: nn.Parameter) -> bool:
+    """A ZeRO-3 parameter whose full data is resident now (persistent, or still in use)."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    return p.ds_status == ZeroParamStatus.AVAILABLE
+
+
 def gathered_chunks(module: nn.Module, chunk_numel: int = 50_000_000) -> Iterator[list[tuple[str, nn.Parameter]]]:
     """Yield (name, full param) lists; under ZeRO-3 each list is gathered for the duration of its turn."""
     named = [(n, p) for n, p in module.named_parameters()]
@@ -33,10 +49,10 @@ def gathered_chunks(module: nn.Module, chunk_numel: int = 50_000_000) -> Iterato
             chunk.append(item)
             size += p.ds_numel if _is_zero3(p) else p.numel()
         if chunk and (item is None or size >= chunk_numel):
-            params = [p for _, p in chunk]
-            if any(_is_zero3(p) for p in params):
+            absent = [p for _, p in chunk if _is_zero3(p) and not _available(p)]
+            if absent:
                 import deepspeed
-                ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+                ctx = deepspeed.zero.GatheredParameters(absent, modifier_rank=None)
             else:
                 ctx = contextlib.nullcontext()
             with ctx:

@@ -1,8 +1,18 @@
-"""The training loop: build task + DeepSpeed engine + loader, resume, step, log, checkpoint, stop on signals."""
+"""The training loop: build task + DeepSpeed engine + loader, resume, step, log, checkpoint, stop on signals.
+
+Order of setup: everything that files and the config alone can refuse (data, precision, resume
+checkpoint, model size, --init-from, an unwritable run_dir) is refused on every rank before the process
+group starts; what only one process may decide (the run-directory lock, disk space, the hash check of
+the resume checkpoint: train/run_dir.py) is decided right after it and raised on every rank alike,
+before the engine is built.
+"""
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import random
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -12,18 +22,22 @@ from typing import Optional
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from vqd_scale.config import RunConfig, save_config, to_dict
+from vqd_scale.config import RunConfig, to_dict
 from vqd_scale.tasks import build_task
 from vqd_scale.train import checkpoint as ckpt_io
 from vqd_scale.train import distributed as D
+from vqd_scale.train import run_dir as run_dir_io
+from vqd_scale.train.disk_space import SKIP_SPACE_CHECK_ENV, estimate_bytes, space_problem
 from vqd_scale.train.ema import EMA
-from vqd_scale.train.engine import build_engine
+from vqd_scale.train.engine import build_engine, resolve_precision
 from vqd_scale.train.lr_schedule import lr_at, set_lr
 from vqd_scale.train.metrics import MetricsLogger, peak_flops, peak_memory_mb
-from vqd_scale.train.checkpoint import DONE_FILE, TEXT_FILE
+from vqd_scale.train.checkpoint import DONE_FILE
 from vqd_scale.train.signals import EXIT_PREEMPTED, StopFlag
+
+EXIT_NONFINITE = 3  # the loss or gradient norm stopped being finite: stopped without saving that step
 
 
 @dataclass
@@ -136,70 +150,79 @@ def _setup_and_loop(cfg: RunConfig, resume: Optional[str], init_from: Optional[s
     init_from = cfg.checkpoint.init_from if init_from is None else init_from
     run_dir = Path(cfg.run_dir)
     cfg = resolve_data_dependent(cfg)
-    ckpt = ckpt_io.resolve_resume(run_dir, resume)
     device = D.device_for(env)
+    precision = resolve_precision(cfg.deepspeed, device)  # bf16 asked for on a CPU is refused here
+    run_dir_io.check_writable(run_dir)
+    from vqd_scale.data.loader import build_loader
+    # Caption dropout (for classifier-free guidance) is drawn by the loader so it resumes exactly.
+    dropout = cfg.diffusion.caption_dropout if cfg.task == "vqd" else cfg.shifted.text_dropout
+    loader = build_loader(cfg.data, rank=env.rank, world_size=env.world_size, caption_dropout=dropout)
+    candidates = ckpt_io.resume_candidates(run_dir, resume, quiet=not env.is_main)
     # Same seed on every rank while building: a random-init frozen text tower must be identical on all
     # ranks, and ZeRO-3 partitions each rank's own initial copy (no broadcast from rank 0).
     _seed_all(cfg.seed)
     task = build_task(cfg, device)
-    if ckpt is not None:  # refuse another model (e.g. size) before any process group exists
-        ckpt_io.check_same_model(ckpt_io.read_complete(ckpt)["model"], task.model_config, str(ckpt))
+    if candidates:  # refuse another model (e.g. size) before any process group exists
+        ckpt_io.check_same_model(ckpt_io.read_complete(candidates[0])["model"], task.model_config, str(candidates[0]))
         if init_from and env.is_main:
-            print(f"--init-from {init_from} ignored: resuming from {ckpt}", flush=True)
+            print(f"--init-from {init_from} ignored: resuming from {candidates[0]}", flush=True)
     elif init_from:  # before the process group and the engine: wrong weights fail fast, on every rank alike
         _load_init_from(init_from, task.module, cfg)
+    need = (ckpt_io.checkpoint_bytes(candidates[0]) if candidates else
+            estimate_bytes(sum(p.numel() for p in task.module.parameters()), cfg.deepspeed.zero_stage, precision))
     D.init_distributed(env)
+    try:
+        lock = run_dir_io.prepare(cfg, run_dir, env, task, need)
+        try:
+            ckpt = run_dir_io.verified_resume(candidates, resume, env, task, run_dir)
+            return _build_and_loop(cfg, env, device, task, loader, ckpt, run_dir, need, stop)
+        finally:
+            if lock is not None:
+                lock.release()
+    finally:
+        D.shutdown()
+
+
+def _build_and_loop(cfg, env, device, task, loader, ckpt: Optional[Path], run_dir: Path, need: int, stop) -> int:
+    """Engine, EMA and restored state on every rank (the run directory is locked), then the loop."""
     _seed_all(cfg.seed + env.rank)  # per-rank randomness (dropout) from here on
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        (run_dir / DONE_FILE).unlink(missing_ok=True)  # training (again) in progress
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
-    text = getattr(task, "text", None)
-    if env.is_main and text is not None and not cfg.text.pretrained:
-        # Random-init text tower (tests/demo): readers of the run dir load it from here.
-        save_file({k: v.contiguous() for k, v in text.state_dict().items()}, str(run_dir / TEXT_FILE))
     trainer_saved = ckpt_io.load_trainer_state(ckpt) if ckpt is not None else None
     same_world = trainer_saved is not None and trainer_saved["world_size"] == env.world_size
     if trainer_saved is not None and not same_world:
         # ZeRO shards are tied to the world size: restart the optimizer from consolidated weights.
         warnings.warn(f"checkpoint {ckpt} was written by {trainer_saved['world_size']} ranks, this run has "
                       f"{env.world_size}: loading consolidated weights; optimizer state is REBUILT and the "
-                      "data loader restarts at a new position", stacklevel=1)
+                      f"data loader continues after the {trainer_saved['samples_seen']} samples seen (at the "
+                      "positions of this world size)", stacklevel=1)
         _load_module_weights(task.module, ckpt_io.load_weights(ckpt, "model"), str(ckpt))
     engine, precision = build_engine(task.module, cfg.deepspeed, cfg.optim, cfg.data.batch_size,
                                      env.world_size, device)
     ema = EMA(cfg.optim.ema_decay, cfg.optim.ema_every, keep=env.is_main)
     ema.init_from(engine.module)
-
-    from vqd_scale.data.loader import build_loader
-    # Caption dropout (for classifier-free guidance) is drawn by the loader so it resumes exactly.
-    dropout = cfg.diffusion.caption_dropout if cfg.task == "vqd" else cfg.shifted.text_dropout
-    loader = build_loader(cfg.data, rank=env.rank, world_size=env.world_size, caption_dropout=dropout)
     state = TrainState()
     if trainer_saved is not None:
         state = TrainState(trainer_saved["step"], trainer_saved["samples_seen"])
         task.load_state_dict(trainer_saved["task"])
         if env.is_main:
-            ema.load_state_dict(load_file(str(ckpt / ckpt_io.EMA_FILE)), device)
+            ema.load_state_dict(ckpt_io.load_ema(ckpt), device)
         if same_world:
             engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
                                    load_lr_scheduler_states=False)
             rank_state = ckpt_io.load_rank_state(ckpt, env.rank)
-            if rank_state.get("loader") is not None:
-                loader.load_state_dict(rank_state["loader"])
+            _restore_loader(loader, rank_state.get("loader"), state.samples_seen)
             ckpt_io.set_rng_state(rank_state["rng"])  # last: nothing below draws from the global RNGs
         else:
+            loader.seek(state.samples_seen)
             _seed_all(cfg.seed + env.rank + 7_777 * state.step)  # fresh randomness, not a replay of step 0
         if env.is_main:
             print(f"resumed from {ckpt} at step {state.step} ({state.samples_seen} samples)", flush=True)
 
     logger = MetricsLogger(cfg.logging, run_dir, env.is_main, to_dict(cfg), state.step)
     try:
-        return _loop(cfg, env, device, task, engine, ema, loader, state, logger, stop, run_dir, config_yaml)
+        return _loop(cfg, env, device, task, engine, ema, loader, state, logger, stop, run_dir, config_yaml, need)
     finally:
         logger.close()
-        D.shutdown()
 
 
 def _clipped(grad_norm, clip: float, device: torch.device) -> torch.Tensor:
@@ -209,18 +232,39 @@ def _clipped(grad_norm, clip: float, device: torch.device) -> torch.Tensor:
     return (torch.as_tensor(grad_norm, device=device) > clip).float()
 
 
-def _save(cfg, env, engine, ema, task, loader, state, run_dir, config_yaml) -> Path:
+def _restore_loader(loader, saved: Optional[dict], samples_seen: int) -> None:
+    """The saved loader position; one of an older format continues after the samples seen instead."""
+    from vqd_scale.data.loader import STATE_VERSION
+    if saved is None:
+        return
+    if saved.get("version") != STATE_VERSION:
+        warnings.warn(f"the checkpoint's data loader state has format {saved.get('version')}, this version "
+                      f"reads {STATE_VERSION}: the data continues after the {samples_seen} samples seen, not at "
+                      "the exact saved position", stacklevel=2)
+        loader.seek(samples_seen)
+        return
+    loader.load_state_dict(saved)
+
+
+def _save(cfg, env, engine, ema, task, loader, state, run_dir, config_yaml, need: int) -> Path:
+    """Checkpoint (collective); refused on every rank when rank 0 sees too little free space for one."""
+    problem = None
+    if env.is_main and not os.environ.get(SKIP_SPACE_CHECK_ENV):
+        problem = space_problem(run_dir, need, ckpt_io.latest_name(run_dir))
+    problem = D.from_main(problem)
+    if problem is not None:
+        raise ckpt_io.NoSpaceError(problem)
     trainer_state = {"step": state.step, "samples_seen": state.samples_seen, "world_size": env.world_size,
                      "zero_stage": cfg.deepspeed.zero_stage, "task": task.state_dict(),
                      "model_config": task.model_config, "config": to_dict(cfg)}
     rank_state = {"rng": ckpt_io.rng_state(),
                   "loader": loader.state_dict() if hasattr(loader, "state_dict") else None}
     return ckpt_io.save_checkpoint(run_dir, state.step, engine, env.rank, env.world_size, trainer_state, rank_state,
-                                   ema.state_dict() if env.is_main else None, config_yaml, D.barrier,
-                                   cfg.checkpoint.keep_last, cfg.checkpoint.milestone_every)
+                                   ema.state_dict() if env.is_main else None, config_yaml,
+                                   cfg.checkpoint.keep_last, cfg.checkpoint.milestone_every, need)
 
 
-def _loop(cfg, env, device, task, engine, ema, loader, state, logger, stop, run_dir, config_yaml) -> int:
+def _loop(cfg, env, device, task, engine, ema, loader, state, logger, stop, run_dir, config_yaml, need) -> int:
     accum, global_batch = cfg.deepspeed.grad_accum, cfg.data.batch_size * env.world_size
     gen = torch.Generator(device=device)
     peak = peak_flops(device)
@@ -233,6 +277,7 @@ def _loop(cfg, env, device, task, engine, ema, loader, state, logger, stop, run_
         # ---- one optimizer step (accum micro-steps) --------------------------------------------
         lr = lr_at(state.samples_seen, cfg.optim, cfg.max_samples)
         set_lr(engine.optimizer, lr)
+        finite = torch.ones((), dtype=torch.bool, device=device)
         for micro in range(accum):
             t0 = time.monotonic()
             try:
@@ -243,6 +288,7 @@ def _loop(cfg, env, device, task, engine, ema, loader, state, logger, stop, run_
             wait += time.monotonic() - t0
             gen.manual_seed(_step_seed(cfg.seed, env.rank, state.step, micro))
             loss, m = task.loss(engine, batch, gen)
+            finite &= torch.isfinite(loss.detach()).all()  # checked once per step, in the collective below
             engine.backward(loss)
             engine.step()  # DeepSpeed steps the optimizer (clip + AdamW) only at the accumulation boundary
             task.after_step({k: D.all_gather_cat(m[k]) for k in task.gather_keys})
@@ -276,9 +322,15 @@ def _loop(cfg, env, device, task, engine, ema, loader, state, logger, stop, run_
             n_acc, wait, last_log, samples_at_log, steps_at_log = 0, 0.0, now, state.samples_seen, state.step
         # ---- checkpoint / stop: every rank must agree, so decide in one collective ----------------
         due_time = env.is_main and time.monotonic() - last_save >= cfg.checkpoint.every_minutes * 60
-        stop_now, due = D.agree([stop.raised, due_time or state.step % cfg.checkpoint.every_steps == 0], device)
+        grad_norm = engine.get_global_grad_norm()
+        finite_step = bool(finite) and (grad_norm is None or math.isfinite(float(grad_norm)))
+        stop_now, due, diverged = D.agree([stop.raised, due_time or state.step % cfg.checkpoint.every_steps == 0,
+                                           not finite_step], device)
+        if diverged:
+            return _stop_nonfinite(env, state, run_dir)
         if due or stop_now or final:
-            path = _save(cfg, env, engine, ema, task, loader, state, run_dir, config_yaml)
+            path = _save(cfg, env, engine, ema, task, loader, state, run_dir, config_yaml, need)
+            need = ckpt_io.checkpoint_bytes(path) if env.is_main else need  # rank 0 checks the space
             last_save = time.monotonic()
             if env.is_main:
                 print(f"checkpoint {path}", flush=True)
@@ -291,3 +343,15 @@ def _loop(cfg, env, device, task, engine, ema, loader, state, logger, stop, run_
     if env.is_main:
         (run_dir / DONE_FILE).write_text(f"{state.step} {state.samples_seen}\n")
     return 0
+
+
+def _stop_nonfinite(env: D.DistEnv, state: TrainState, run_dir: Path) -> int:
+    """A NaN/inf loss or gradient norm: nothing from this step is saved, the newest checkpoint stays the last good one."""
+    if env.is_main:
+        latest = ckpt_io.latest_name(run_dir)
+        kept = f"the newest checkpoint {run_dir / ckpt_io.CKPT_DIR / latest}" if latest else "no checkpoint yet"
+        print(f"training stopped at step {state.step}: the loss or gradient norm is not finite (on some rank); "
+              f"this step was not saved and {kept} holds the last good weights. Lower optim.lr or check the "
+              f"data, then resume (--resume auto continues from it); exit code {EXIT_NONFINITE}", file=sys.stderr,
+              flush=True)
+    return EXIT_NONFINITE
