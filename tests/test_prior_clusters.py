@@ -49,10 +49,12 @@ def test_fit_recovers_known_clusters_and_records_manifest(tmp_path, truth):
                                     "--out", str(out), "--chunk", "100"]) == 0
     cl = load_clusters(out)
     assert cl["means"].shape == (3, E) and cl["stds"].shape == (3, E)
-    # match fitted components to the true ones by nearest mean
-    order = torch.cdist(torch.tensor(centres, dtype=torch.float32), cl["means"]).argmin(1)
+    # match fitted components to the true ones by nearest mean (clusters live on the unit sphere)
+    unit = torch.nn.functional.normalize(torch.tensor(centres, dtype=torch.float32), dim=-1)
+    order = torch.cdist(unit, cl["means"]).argmin(1)
     assert sorted(order.tolist()) == [0, 1, 2]
-    e = emb.astype(np.float64)
+    e = emb.astype(np.float32)
+    e = (e / np.linalg.norm(e, axis=1, keepdims=True)).astype(np.float64)
     for c in range(3):
         members = e[lab == c]
         torch.testing.assert_close(cl["means"][order[c]], torch.tensor(members.mean(0), dtype=torch.float32),
@@ -66,15 +68,35 @@ def test_fit_recovers_known_clusters_and_records_manifest(tmp_path, truth):
 
 
 def test_singleton_clusters_never_get_zero_std(tmp_path):
-    emb = np.concatenate([np.zeros((50, E)), np.full((1, E), 100.0)]).astype(np.float16)
-    emb[:50] += np.random.default_rng(1).normal(size=(50, E)).astype(np.float16)
-    pattern = _write_shards(tmp_path, emb, per_shard=60)
+    emb = np.zeros((51, E), np.float32)
+    emb[:50, 0], emb[50, 0] = 1.0, -1.0
+    emb[:50] += 0.05 * np.random.default_rng(1).normal(size=(50, E))
+    pattern = _write_shards(tmp_path, emb.astype(np.float16), per_shard=60)
     out = tmp_path / "c.safetensors"
     fit_prior_clusters.main(["--shards", pattern, "--k", "2", "--out", str(out)])
     cl = load_clusters(out)
     assert (cl["stds"] > 0).all()
     single = int(cl["counts"].argmin())
-    assert int(cl["counts"][single]) == 1 and cl["stds"][single].min() > 1.0  # the global std, not 0
+    assert int(cl["counts"][single]) == 1
+    u = emb.astype(np.float16).astype(np.float32)
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    torch.testing.assert_close(cl["stds"][single], torch.tensor(u.std(0)), rtol=1e-3, atol=1e-4)  # global, not 0
+
+
+def test_clusters_live_on_the_unit_sphere_whatever_the_stored_norms(tmp_path, truth):
+    """The prior sees z = s·e/‖e‖: clusters fitted on rescaled embeddings must be the same clusters."""
+    emb = truth[3]
+    scaled = (emb.astype(np.float32) * np.random.default_rng(2).uniform(0.5, 3.0, size=(len(emb), 1)))
+    unit = emb.astype(np.float32) / np.linalg.norm(emb.astype(np.float32), axis=1, keepdims=True)
+    fits = []
+    for name, e in (("scaled", scaled), ("unit", unit)):
+        (tmp_path / name).mkdir()
+        pattern = _write_shards(tmp_path / name, e.astype(np.float16), per_shard=300)
+        fit_prior_clusters.main(["--shards", pattern, "--k", "3", "--out", str(tmp_path / f"{name}.safetensors")])
+        fits.append(load_clusters(tmp_path / f"{name}.safetensors"))
+    torch.testing.assert_close(fits[0]["means"].norm(dim=-1), fits[1]["means"].norm(dim=-1), rtol=0, atol=5e-3)
+    torch.testing.assert_close(fits[0]["means"], fits[1]["means"], rtol=0, atol=5e-3)  # fp16 rounding apart
+    torch.testing.assert_close(fits[0]["stds"], fits[1]["stds"], rtol=0, atol=5e-3)
 
 
 def test_clear_errors(tmp_path, truth):

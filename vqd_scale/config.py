@@ -89,6 +89,10 @@ class PriorConfig:
     heads: Optional[int] = None
     num_components: int = 1
     activation_checkpointing: bool = False
+    # The prior trains and samples in z = embed_scale · e, e the stored L2-normalised CLIP embedding.
+    # None = √embed_dim (per-dim RMS 1, DALLE2-pytorch's l2norm·√d): data on the scale of the unit DDPM noise
+    # and of the release's raw CLIP embeddings, so its loss, clip and lr mean what they meant there.
+    embed_scale: Optional[float] = None
 
 
 @dataclass

@@ -5,6 +5,9 @@ stays O(chunk) however many shards); pass 2 assigns every embedding to its neare
 accumulates count / sum / sum of squares per cluster in float64, giving each component's mean and
 per-dim std with respect to the final assignment. Stds are floored (never zero: a zero std made the
 released sampler deterministic, issue #12), and clusters with < 2 members get the global std.
+Every embedding is L2-normalised first: the clusters live on the unit sphere, like the stored CLIP
+embeddings, and the prior scales them into its space z = s·e (`PriorModel.load_clusters`), so the
+mixture and the data the prior sees agree whatever the norms in the shards.
 """
 from __future__ import annotations
 
@@ -98,6 +101,7 @@ def _limit(chunks: Iterable[np.ndarray], max_samples: Optional[int]) -> Iterator
     left = max_samples
     for x in chunks:
         x = np.asarray(x, dtype=np.float32)  # one dtype for fit and predict (sklearn's Cython needs it)
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # unit sphere, as the prior sees it
         if left is not None:
             if left <= 0:
                 return

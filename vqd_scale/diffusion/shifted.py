@@ -109,12 +109,16 @@ class ShiftedGaussianDiffusion:
         """Uniform t ∈ {0, …, T−1}, LongTensor[B]."""
         return torch.randint(0, self.num_timesteps, (batch,), device=device, generator=generator)
 
-    def loss(self, z0_pred: torch.Tensor, z0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Per-sample z_0-prediction MSE in z space, P2-weighted by 1/(1 + SNR_t) = 1 − ᾱ_t; [B]."""
-        mse = (z0_pred.float() - z0.float()).pow(2).flatten(1).mean(1)
+    def weight(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss weight: P2 1/(1 + SNR_t) = 1 − ᾱ_t (γ = 1, k = 1 as released), or 1; [B] float32."""
         if not self.cfg.p2_weighting:
-            return mse
-        return mse * (1 - self._abar(t)).to(mse.dtype)
+            return torch.ones(t.shape, device=t.device)
+        return (1 - self._abar(t)).float()
+
+    def loss(self, z0_pred: torch.Tensor, z0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Per-sample z_0-prediction MSE in z space times `weight(t)` (P2, as released); [B]."""
+        mse = (z0_pred.float() - z0.float()).pow(2).flatten(1).mean(1)
+        return mse * self.weight(t).to(mse.device)
 
     # -- sampling -------------------------------------------------------------------------------
     @torch.no_grad()
