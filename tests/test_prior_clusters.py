@@ -19,13 +19,14 @@ import fit_prior_clusters  # noqa: E402
 E = 8
 
 
-def _write_shards(root: Path, emb: np.ndarray, per_shard: int, with_emb: bool = True) -> str:
+def _write_shards(root: Path, emb: np.ndarray, per_shard: int, with_emb: bool = True, text=None) -> str:
     n_shards = (len(emb) + per_shard - 1) // per_shard
     for s in range(n_shards):
         with wds.TarWriter(str(root / f"{s:05d}.tar")) as w:
             for i in range(s * per_shard, min(len(emb), (s + 1) * per_shard)):
                 w.write(schema.encode_record(f"{i:08d}", np.zeros((2, 2)), np.zeros(77), f"caption {i}", {},
-                                             image_emb=emb[i] if with_emb else None))
+                                             image_emb=emb[i] if with_emb else None,
+                                             text_emb=None if text is None else text[i]))
     return str(root / f"{{00000..{n_shards - 1:05d}}}.tar")
 
 
@@ -122,3 +123,42 @@ def test_max_samples_zero_is_refused_by_name(tmp_path, truth, capsys):
         fit_prior_clusters.main(["--shards", shards, "--k", "2", "--max-samples", "0",
                                  "--out", str(tmp_path / "x.safetensors")])
     assert "--max-samples" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
+
+
+def test_caption_routed_spread_and_the_matched_kappa(tmp_path, capsys):
+    """Pairs are routed by caption (argmax cos(text, μ_c)); when captions pick another cluster the spread the
+    diffusion must cover is wider than the cluster std: reported as the matched κ, stored with --stds routed."""
+    rng = np.random.default_rng(3)
+    a, b = np.eye(E)[0], np.eye(E)[1]
+    lab = rng.integers(0, 2, size=400)
+    img = np.where(lab[:, None] == 0, a, b) + 0.1 * rng.normal(size=(400, E))
+    wrong = rng.random(400) < 0.3  # 30 % of the captions point at the other cluster
+    txt = np.where((lab == 0) ^ wrong, 1, 0)[:, None] * a + np.where((lab == 1) ^ wrong, 1, 0)[:, None] * b
+    txt = txt + 0.05 * rng.normal(size=(400, E))
+    img16, txt16 = img.astype(np.float16), txt.astype(np.float16)
+    pattern = _write_shards(tmp_path, img16, per_shard=150, text=txt16)
+    fits = {}
+    for stds in ("cluster", "routed"):
+        out = tmp_path / f"{stds}.safetensors"
+        assert fit_prior_clusters.main(["--shards", pattern, "--k", "2", "--out", str(out), "--stds", stds]) == 0
+        fits[stds] = load_clusters(out)
+    printed = capsys.readouterr().out
+    mu = fits["cluster"]["means"].double()
+    torch.testing.assert_close(fits["routed"]["means"].double(), mu)
+    u = torch.nn.functional.normalize(torch.tensor(img16, dtype=torch.float64), dim=-1)
+    c = (torch.nn.functional.normalize(torch.tensor(txt16, dtype=torch.float64), dim=-1) @ mu.T).argmax(1)
+    d2 = (u - mu[c]) ** 2
+    expect = torch.stack([d2[c == j].mean(0).sqrt() for j in range(2)])
+    torch.testing.assert_close(fits["routed"]["stds"].double(), expect, rtol=1e-4, atol=1e-5)
+    # misrouted pairs lie far from μ_c along a − b; elsewhere the spread is the clusters' own
+    assert (fits["routed"]["stds"][:, :2] > 3 * fits["cluster"]["stds"][:, :2]).all()
+    torch.testing.assert_close(fits["routed"]["stds"][:, 2:], fits["cluster"]["stds"][:, 2:], rtol=0.2, atol=0)
+    y_rms = (d2 / fits["cluster"]["stds"].double()[c] ** 2).mean().sqrt().item()
+    assert y_rms > 2 and float(fits["cluster"]["metadata"]["y_rms_cluster_stds"]) == pytest.approx(y_rms, rel=1e-3)
+    assert f"{y_rms:.3f}" in printed and fits["routed"]["metadata"]["stds"] == "routed"
+    (tmp_path / "noText").mkdir()
+    no_text = _write_shards(tmp_path / "noText", img16, per_shard=400)
+    with pytest.raises(SystemExit):
+        fit_prior_clusters.main(["--shards", no_text, "--k", "2", "--out", str(tmp_path / "x.safetensors"),
+                                 "--stds", "routed"])
+    assert "text embeddings" in capsys.readouterr().err

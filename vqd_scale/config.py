@@ -107,6 +107,9 @@ class ShiftedDiffusionConfig:
     learnable_mixture: bool = False
     mixture_lr_scale: float = 0.01
     p2_weighting: bool = True
+    # the loss the P2 weight 1/(1 + SNR_t) applies to: "x0" = the ẑ0 MSE, as released (Corgi kept P2's code
+    # but predicts x0); "eps" = the ε MSE, as P2 is defined (Choi et al. 2022), i.e. ᾱ_t on the ẑ0 MSE
+    p2_target: str = "x0"
     clamp_x0: bool = False
     text_dropout: float = 0.1
     sample_steps: int = 64
