@@ -13,6 +13,8 @@ the released optimiser; mixtures come from `fit_clusters` on the training images
   a strictly proper score, lowest for samples drawn from p(image | text); lower is better;
 - cos(two samples): diversity (1 = the sampler always returns the same embedding);
 - the unrelated-caption control: cos(generated from another pair's caption, true image).
+The JSON rows add diagnostics: grad norm and clipped fraction, the data's RMS in the shifted frame
+(y0_rms), how often the caption picks the image's own cluster (route_acc), and `denoiser_probe`.
 
     OMP_NUM_THREADS=1 python bench/shifted_ablation.py [--steps 1500] [--seeds 0] [--kappa 5]
 """
@@ -126,6 +128,7 @@ def train_variant(name: str, args, data, seed: int, shifted: bool, k: int, learn
                                                   .pow(2).mean().sqrt().item(), 4)
             out["mixture_dlog_sigma"] = round((mix.stds().log() - mix.base_log_stds).pow(2).mean().sqrt().item(), 4)
     model.eval()
+    out.update(denoiser_probe(model, diffusion, test_img, test_txt, seed))
     rolled = test_txt.roll(1, 0)
     for n in args.sample_steps:
         sample = lambda te, s: sample_embeddings(model, diffusion, te, te.unsqueeze(1), n,  # noqa: E731
@@ -135,6 +138,24 @@ def train_variant(name: str, args, data, seed: int, shifted: bool, k: int, learn
         out[f"es@{n}"] = energy_score(gen, gen2, test_img)
         out[f"pair@{n}"] = F.cosine_similarity(gen, gen2, dim=-1).mean().item()
         out[f"unrel@{n}"] = F.cosine_similarity(gen_u, test_img, dim=-1).mean().item()
+    return out
+
+
+@torch.no_grad()
+def denoiser_probe(model, diffusion, img: torch.Tensor, txt: torch.Tensor, seed: int) -> dict:
+    """Held-out ẑ0 error per dim (prior space) and how much ẑ0 follows z_t: ‖ẑ0(z_t) − ẑ0(z_t′)‖² / ‖z_t − z_t′‖²
+    for two noise draws (≈ 1: passes z_t through, 0: ignores it), at t = 0 and at t = 143, the last step of the
+    8-step sampler, where the sample's detail (and so its diversity) must come from z_t."""
+    z0, te, ctx = model.to_prior_space(img), model.to_prior_space(txt), txt.unsqueeze(1)
+    c, mu, sd, _ = model.mixture(te)
+    mu, scale = diffusion.frame(mu, sd, z0)
+    g, out = torch.Generator().manual_seed(seed + 3), {}
+    for tv in (0, 143):
+        t = torch.full((len(z0),), tv)
+        zt, zt2 = (diffusion.q_sample(z0, t, mu, scale, torch.randn(z0.shape, generator=g)) for _ in range(2))
+        p, p2 = (model.denoise(z, t, te, c, ctx) for z in (zt, zt2))
+        out[f"x0_mse@t{tv}"] = round((p - z0).pow(2).mean().item(), 4)
+        out[f"follows_zt@t{tv}"] = round(((p - p2).pow(2).mean() / (zt - zt2).pow(2).mean()).item(), 3)
     return out
 
 
