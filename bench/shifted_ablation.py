@@ -88,7 +88,7 @@ def train_variant(name: str, args, data, seed: int, shifted: bool, k: int, learn
                       dim=args.dim, heads=4, layers=args.layers)
     scfg = ShiftedDiffusionConfig(shifted=shifted, text_dropout=0.1, sample_variance=args.variance,
                                   kappa=args.kappa, learnable_mixture=learnable, p2_weighting=not args.no_p2,
-                                  p2_target=args.p2_target)
+                                  p2_target=args.p2_target, mixture_lr_scale=args.mixture_lr_scale)
     model = TrainablePrior(cfg, scfg)
     out = {"variant": name, "seed": seed}
     if shifted:
@@ -183,6 +183,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-p2", action="store_true", help="unweighted MSE instead of the released P2 weighting")
     ap.add_argument("--p2-target", default="x0", choices=["x0", "eps"],
                     help="P2 weight on the ẑ0 MSE (released) or on the ε MSE (as P2 is defined)")
+    ap.add_argument("--mixture-lr-scale", type=float, default=0.01, help="learnable mixture's lr scale (0.01 released)")
     ap.add_argument("--sample-steps", type=int, nargs="+", default=[8, 64])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -202,7 +203,7 @@ def main(argv=None) -> int:
           f"energy score = {energy_score(cmean, cmean, test_img):.3f}")
     print(f"steps={args.steps} batch={args.batch} lr={args.lr} dim={args.dim} layers={args.layers} "
           f"variance={args.variance} kappa={args.kappa} stds={args.stds} p2={not args.no_p2} p2_target={args.p2_target} "
-          f"seeds={args.seeds}\n")
+          f"mixture_lr_scale={args.mixture_lr_scale} seeds={args.seeds}\n")
     rows = []
     for seed in args.seeds:
         for v in args.variants:
