@@ -156,6 +156,11 @@ def test_caption_routed_spread_and_the_matched_kappa(tmp_path, capsys):
     y_rms = (d2 / fits["cluster"]["stds"].double()[c] ** 2).mean().sqrt().item()
     assert y_rms > 2 and float(fits["cluster"]["metadata"]["y_rms_cluster_stds"]) == pytest.approx(y_rms, rel=1e-3)
     assert f"{y_rms:.3f}" in printed and fits["routed"]["metadata"]["stds"] == "routed"
+    own = torch.cdist(u, mu).argmin(1)
+    agree = (own == c).double().mean().item()
+    assert 0.6 < agree < 0.8  # 30 % of the captions point at the other cluster
+    assert float(fits["cluster"]["metadata"]["caption_picks_own_cluster"]) == pytest.approx(agree, abs=1e-4)
+    assert f"{agree:.1%} of the captions pick their image's own cluster" in printed
     (tmp_path / "noText").mkdir()
     no_text = _write_shards(tmp_path / "noText", img16, per_shard=400)
     with pytest.raises(SystemExit):

@@ -125,21 +125,22 @@ def fit_clusters(chunks: Callable[[], Iterable[np.ndarray]], k: int, seed: int =
 
 
 def text_routed_stats(means: torch.Tensor, stds: torch.Tensor, pairs: Iterable[tuple]) -> dict[str, torch.Tensor]:
-    """How the data sits around the component its *text* picks (argmax cos(text, μ_c)), as the prior uses it.
+    """How the data sits around the component its *caption* picks (argmax cos(text, μ_c)), as the prior uses it.
 
-    pairs: (image [n,E], text [n,E]) chunks (arrays or tensors; normalised here). Returns {routed_stds [k,E]:
-    per-dim RMS of (e − μ_c) over the pairs routed to c (the spread the diffusion must cover from N(μ_c, ·);
-    components fewer than 2 pairs pick get the RMS over all pairs), routed_counts [k], y_rms: the RMS of
-    (e − μ_c)/σ_c over all pairs (with the given `stds`) — the κ at which the data in the shifted frame
-    y = (e − μ_c)/(κσ_c) has unit RMS like the noise; far below 1 (e.g. the released κ = 5 over cluster stds
-    that the text mostly picks right) the data sits under the noise for most of the schedule}.
+    pairs: (image [n,E], text [n,E]) chunks (arrays or tensors; normalised here). Returns
+    - routed_stds [k,E]: per-dim RMS of (e − μ_c) over the pairs routed to c, the spread the diffusion must
+      cover from N(μ_c, ·) (components fewer than 2 pairs pick get the RMS over all pairs);
+    - routed_counts [k]; agreement: the fraction of pairs whose caption picks the image's own (nearest) cluster;
+    - y_rms: the RMS of (e − μ_c)/σ_c over all pairs with the given `stds`, so the data has RMS y_rms/κ in the
+      shifted frame y = (e − μ_c)/(κσ_c), where the noise has RMS 1.
     """
     mu, sd = means.double(), stds.double()
     k, E = mu.shape
-    n, ss, yy = torch.zeros(k, dtype=torch.float64), torch.zeros(k, E, dtype=torch.float64), 0.0
+    n, ss, yy, agree = torch.zeros(k, dtype=torch.float64), torch.zeros(k, E, dtype=torch.float64), 0.0, 0
     for img, txt in pairs:
         img = F.normalize(torch.as_tensor(img).double(), dim=-1)
         c = (F.normalize(torch.as_tensor(txt).double(), dim=-1) @ F.normalize(mu, dim=-1).T).argmax(1)
+        agree += int((torch.cdist(img, mu).argmin(1) == c).sum())
         d2 = (img - mu[c]) ** 2  # [n, E]
         n += torch.bincount(c, minlength=k).double()
         ss.index_add_(0, c, d2)
@@ -148,7 +149,7 @@ def text_routed_stats(means: torch.Tensor, stds: torch.Tensor, pairs: Iterable[t
         raise ValueError("no (image, text) embedding pairs to route; check the shards")
     rms = (ss / n.clamp(min=1)[:, None]).sqrt()
     routed = torch.where(n[:, None] >= 2, rms, (ss.sum(0) / n.sum()).sqrt()[None]).clamp(min=1e-6)
-    return {"routed_stds": routed.float(), "routed_counts": n.long(),
+    return {"routed_stds": routed.float(), "routed_counts": n.long(), "agreement": agree / n.sum().item(),
             "y_rms": torch.tensor((yy / (n.sum().item() * E)) ** 0.5)}
 
 
