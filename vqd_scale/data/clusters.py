@@ -124,7 +124,7 @@ def fit_clusters(chunks: Callable[[], Iterable[np.ndarray]], k: int, seed: int =
             "counts": torch.from_numpy(n)}
 
 
-def text_routed_stats(means: torch.Tensor, stds: torch.Tensor, pairs: Iterable[tuple]) -> dict[str, torch.Tensor]:
+def text_routed_stats(means: torch.Tensor, stds: torch.Tensor, pairs: Iterable[tuple]) -> dict:
     """How the data sits around the component its *caption* picks (argmax cos(text, μ_c)), as the prior uses it.
 
     pairs: (image [n,E], text [n,E]) chunks (arrays or tensors; normalised here). Returns
