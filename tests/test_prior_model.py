@@ -106,8 +106,26 @@ def test_learnable_mixture_lr_scale_and_losses():
     _, _, _, aux2 = mix(torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]]), z0=z0, kappa=5.0,
                         aux_noise=torch.randn(16, 2, 4, generator=torch.Generator().manual_seed(0)))
     assert aux2["mixture_pull"] < aux["mixture_pull"]
-    # push: two chosen components that point the same way are penalised
+    # push: two chosen components that point the same way are penalised; (1/B) Σ_{j≠i} as released
     same = Mixture(2, 4, learnable=True)
     same.load_clusters(torch.tensor([[1.0, 0, 0, 0], [1.0, 0.1, 0, 0]]), torch.ones(2, 4))
     _, _, _, aux3 = same(torch.tensor([[1.0, -1, 0, 0], [0, 1.0, 0, 0]]), z0=z0, aux_noise=torch.randn(2, 2, 4))
-    assert aux3["mixture_push"] > 0.9
+    assert aux3["mixture_push"].item() == pytest.approx(0.5 * 1 / 1.01 ** 0.5, abs=1e-5)
+
+
+def test_learnable_mixture_losses_use_the_per_sample_weight_as_released():
+    """Released `training_losses`: pull = −mean_i w_i·mean_d cos(z0_i, μ + κσε_d), push = mean_i w_i·(1/B)Σ_{j≠i} cos."""
+    g = torch.Generator().manual_seed(0)
+    mix = Mixture(3, 4, learnable=True)
+    mix.load_clusters(torch.randn(3, 4, generator=g), 0.1 + torch.rand(3, 4, generator=g))
+    text, z0, noise = torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g), torch.randn(16, 5, 4, generator=g)
+    w = torch.tensor([1.0, 0.5, 0.0, 0.25, 2.0])
+    c, mu, sd, aux = mix(text, z0=z0, kappa=5.0, aux_noise=noise, weight=w)
+    cos = torch.nn.functional.cosine_similarity
+    pull = -sum(w[i] * cos(mu[i] + 5.0 * sd[i] * noise[:, i], z0[i].expand(16, 4), dim=-1).mean() for i in range(5)) / 5
+    push = sum(w[i] * sum(cos(mu[i], mu[j], dim=0) for j in range(5) if j != i) / 5 for i in range(5)) / 5
+    torch.testing.assert_close(aux["mixture_pull"], pull)
+    torch.testing.assert_close(aux["mixture_push"], push)
+    _, _, _, unweighted = mix(text, z0=z0, kappa=5.0, aux_noise=noise)  # no weight = 1 per sample
+    _, _, _, ones = mix(text, z0=z0, kappa=5.0, aux_noise=noise, weight=torch.ones(5))
+    torch.testing.assert_close(unweighted, ones)

@@ -48,7 +48,8 @@ def _batch(text_encoder, with_text_emb=True):
 def test_loss_learns_a_fixed_batch(text_encoder, clusters):
     torch.manual_seed(0)
     task = _task(text_encoder, clusters, text_dropout=0.0)
-    assert (task.module.mixture.stds() > 0.049).all() and (task.module.mixture.stds() < 0.101).all()  # clusters loaded
+    sd = task.module.mixture.stds() / E ** 0.5  # clusters loaded, scaled into the prior's space z = √E·e
+    assert (sd > 0.049).all() and (sd < 0.101).all()
     assert not any(p.requires_grad for p in task.module.mixture.parameters())  # fixed mixture: not trained
     batch = _batch(text_encoder)
     opt = torch.optim.Adam(task.module.parameters(), lr=3e-3)
@@ -76,6 +77,58 @@ def test_learnable_mixture_trains_its_components(text_encoder, clusters):
     assert task.module.mixture.mean_offset.grad.abs().sum() > 0
 
 
+def test_prior_space_is_unit_embeddings_times_sqrt_e(text_encoder, clusters):
+    """The prior trains on z = √E·e/‖e‖ (per-dim RMS 1, the scale of the unit DDPM noise), not on the stored
+    unit-norm e (per-dim RMS 1/√E, far below the noise, and a loss ~E× below the release's); samples come back
+    on the unit sphere."""
+    from vqd_scale.data.clusters import load_clusters
+    task = _task(text_encoder, clusters, shifted=False)  # DDPM baseline: z_t = √ᾱ z0 + √(1−ᾱ) ε
+    model = task.module
+    shifted = _task(text_encoder, clusters).module
+    torch.testing.assert_close(shifted.mixture.means(), load_clusters(clusters)["means"] * E ** 0.5)
+    batch = _batch(text_encoder)
+    seen = []
+    real_denoise = model.denoise
+    model.denoise = lambda z, *a, **kw: (seen.append(z.clone()), real_denoise(z, *a, **kw))[1]
+    try:
+        t, noise = torch.zeros(4, dtype=torch.long), torch.zeros(4, E)  # t = 0: z_t = √ᾱ_0 z0 (ᾱ_0 = 1 − 1e-4)
+        te = batch["text_emb"].float()
+        loss, m = model(batch["image_emb"].float(), t, noise, te, None, torch.zeros(4, dtype=torch.bool))
+        loss2, _ = model(3 * batch["image_emb"].float(), t, noise, 2 * te, None, torch.zeros(4, dtype=torch.bool))
+    finally:
+        del model.denoise
+    z0 = F.normalize(batch["image_emb"].float(), dim=-1) * E ** 0.5
+    torch.testing.assert_close(seen[0], z0 * (1 - 1e-4) ** 0.5)
+    assert seen[0].pow(2).mean().sqrt().item() == pytest.approx(1.0, abs=1e-3)  # per-dim RMS 1
+    with torch.no_grad():
+        pred = real_denoise(seen[0], t, F.normalize(te, dim=-1) * E ** 0.5, torch.zeros(4, dtype=torch.long), None)
+    torch.testing.assert_close(m["mse"], ((pred - z0) ** 2).mean(1).mul(1e-4).mean())  # P2 weight 1 − ᾱ_0 = β_0
+    torch.testing.assert_close(loss2, loss)  # only the direction of a stored embedding counts
+    gen = sample_embeddings(model.eval(), task.diffusion, te, None, 4, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(gen.norm(dim=-1), torch.ones(4))
+
+
+def test_mixture_gets_no_gradient_through_z_t_and_its_losses_are_p2_weighted(text_encoder, clusters):
+    """As released: q_sample is detached (the MSE alone would shrink σ_c: less noise is easier to denoise),
+    and the pull/push losses are weighted per sample like the MSE."""
+    task = _task(text_encoder, clusters, learnable_mixture=True)
+    model, batch = task.module, _batch(text_encoder)
+    z0, te = batch["image_emb"].float(), batch["text_emb"].float()
+    g = torch.Generator().manual_seed(0)
+    noise, aux_noise = torch.randn(4, E, generator=g), torch.randn(16, 4, E, generator=g)
+    keep = torch.zeros(4, dtype=torch.bool)
+    loss, m = model(z0, torch.full((4,), 500), noise, te, None, keep)  # no aux_noise: the MSE alone
+    loss.backward()
+    mix = model.mixture
+    assert mix.mean_offset.grad is None or not mix.mean_offset.grad.any()
+    assert mix.log_std_offset.grad is None or not mix.log_std_offset.grad.any()
+    _, late = model(z0, torch.full((4,), 999), noise, te, None, keep, aux_noise)  # weight 1 − ᾱ_999 ≈ 1
+    _, early = model(z0, torch.zeros(4, dtype=torch.long), noise, te, None, keep, aux_noise)  # weight β_0 = 1e-4
+    for k in ("mixture_pull", "mixture_push"):
+        assert early[k].item() == pytest.approx(late[k].item() * 1e-4 / (1 - task.diffusion.alphas_cumprod[-1].item()),
+                                                rel=1e-4)
+
+
 def test_sampling_is_stochastic_near_component_and_guided(text_encoder, clusters):
     """Issue #12 regression: two samples for the same text differ; CFG = lerp of the two branches."""
     task = _task(text_encoder, clusters, kappa=1.0)
@@ -96,16 +149,20 @@ def test_sampling_is_stochastic_near_component_and_guided(text_encoder, clusters
     assert (a[0] - a[1]).abs().max() > 1e-5  # so the samples for one text differ
     b = sample_embeddings(model, diff, te, ctx, 8, torch.Generator().manual_seed(0))
     torch.testing.assert_close(a, b)  # reproducible from the generator
-    # clamp keeps ẑ0 — and with one step the sample — within μ ± 3σ of the chosen component
+    # one step from z_T = μ + σε (κ = 1) returns ẑ0(z_T), clamped to μ ± 3σ, mapped back to the unit sphere
+    zs = model.to_prior_space(te)  # the prior works in z = √E·e
+    t = torch.full((2,), 999)
+    zT = mu + sd * torch.randn(mu.shape, generator=torch.Generator().manual_seed(0))
+    raw = model.denoise(zT, t, zs, c, ctx)
+    assert ((raw - mu).abs() > 3 * sd).any()  # so the clamp below has work to do
     one = sample_embeddings(model, diff, te, ctx, 1, torch.Generator().manual_seed(0), clamp_x0=True)
-    assert ((one - mu).abs() <= 3 * sd + 1e-5).all()
+    torch.testing.assert_close(one, F.normalize(torch.maximum(torch.minimum(raw, mu + 3 * sd), mu - 3 * sd), dim=-1))
     # guidance 3 with one step: ẑ0 = u + 3 (c − u), both branches at z_T from the same generator
     g = torch.Generator().manual_seed(5)
     zT = mu + sd * torch.randn(mu.shape, generator=g)
-    t = torch.full((2,), 999)
-    cond, uncond = model.denoise(zT, t, te, c, ctx), model.denoise(zT, t, te, c, None)
+    cond, uncond = model.denoise(zT, t, zs, c, ctx), model.denoise(zT, t, zs, c, None)
     guided = sample_embeddings(model, diff, te, ctx, 1, torch.Generator().manual_seed(5), guidance_scale=3.0)
-    torch.testing.assert_close(guided, uncond + 3 * (cond - uncond), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(guided, F.normalize(uncond + 3 * (cond - uncond), dim=-1), rtol=1e-4, atol=1e-5)
 
 
 def test_prior_metrics_keys_and_control(text_encoder, clusters):

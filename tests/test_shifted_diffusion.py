@@ -186,6 +186,25 @@ def test_loss_is_p2_weighted_mse_in_z_space():
     assert d.loss(z0, z0, t).abs().max() == 0
 
 
+def test_p2_on_the_eps_loss_is_p2_as_defined():
+    """p2_target=eps: the P2 weight 1/(1 + SNR) on the ε MSE (Choi et al.), computed from the ẑ0 prediction;
+    the released x0 target weighs the same ẑ0 error 1/SNR_t less (vanishingly little where z_t is clean)."""
+    eps_d, x0_d = _diff(p2_target="eps"), _diff()
+    g = torch.Generator().manual_seed(0)
+    z0, noise, pred = torch.randn(4, E, generator=g), torch.randn(4, E, generator=g), torch.randn(4, E, generator=g)
+    t = torch.tensor([0, 10, 500, 999])
+    zero, one = torch.zeros(4, E), torch.ones(4, E)
+    zt = eps_d.q_sample(z0, t, zero, one, noise)
+    a = eps_d.alphas_cumprod[t].float()[:, None]
+    eps_hat = (zt - a.sqrt() * pred) / (1 - a).sqrt()  # the ε the ẑ0 prediction implies
+    p2 = 1 / (1 + a / (1 - a))
+    torch.testing.assert_close(eps_d.loss(pred, z0, t), (p2 * (eps_hat - noise) ** 2).mean(1), rtol=1e-4, atol=1e-6)
+    snr = (a / (1 - a))[:, 0]
+    torch.testing.assert_close(x0_d.loss(pred, z0, t), eps_d.loss(pred, z0, t) / snr, rtol=1e-4, atol=1e-8)
+    with pytest.raises(ValueError, match="p2_target"):
+        _diff(p2_target="v")
+
+
 def test_respace_and_bad_input():
     assert respace(1000, 8)[0] == 999 and respace(1000, 8)[-1] == 0 and len(set(respace(1000, 64))) == 64
     assert respace(1000, 1000) == list(range(999, -1, -1))

@@ -89,6 +89,10 @@ class PriorConfig:
     heads: Optional[int] = None
     num_components: int = 1
     activation_checkpointing: bool = False
+    # The prior trains and samples in z = embed_scale · e, e the stored L2-normalised CLIP embedding.
+    # None = √embed_dim (per-dim RMS 1, DALLE2-pytorch's l2norm·√d): data on the scale of the unit DDPM noise
+    # and of the release's raw CLIP embeddings, so its loss, clip and lr mean what they meant there.
+    embed_scale: Optional[float] = None
 
 
 @dataclass
@@ -103,6 +107,9 @@ class ShiftedDiffusionConfig:
     learnable_mixture: bool = False
     mixture_lr_scale: float = 0.01
     p2_weighting: bool = True
+    # the loss the P2 weight 1/(1 + SNR_t) applies to: "x0" = the ẑ0 MSE, as released (Corgi kept P2's code
+    # but predicts x0); "eps" = the ε MSE, as P2 is defined (Choi et al. 2022), i.e. ᾱ_t on the ẑ0 MSE
+    p2_target: str = "x0"
     clamp_x0: bool = False
     text_dropout: float = 0.1
     sample_steps: int = 64

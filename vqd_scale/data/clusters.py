@@ -5,6 +5,9 @@ stays O(chunk) however many shards); pass 2 assigns every embedding to its neare
 accumulates count / sum / sum of squares per cluster in float64, giving each component's mean and
 per-dim std with respect to the final assignment. Stds are floored (never zero: a zero std made the
 released sampler deterministic, issue #12), and clusters with < 2 members get the global std.
+Every embedding is L2-normalised first: the clusters live on the unit sphere, like the stored CLIP
+embeddings, and the prior scales them into its space z = s·e (`PriorModel.load_clusters`), so the
+mixture and the data the prior sees agree whatever the norms in the shards.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from safetensors import safe_open
 
@@ -26,8 +30,26 @@ MIN_STD_FRACTION = 1e-2  # floor per-dim stds at this fraction of the global per
 
 def iter_image_embeddings(shards: str, chunk: int) -> Iterator[np.ndarray]:
     """float32 [≤chunk, E] arrays of `img.emb.npy` over the shards (braceexpand pattern), in order."""
-    import braceexpand
+    for (img,) in _iter_records(shards, chunk, (schema.IMAGE_EMB,)):
+        yield img
+
+
+def iter_pairs(shards: str, chunk: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(image [≤chunk, E], text [≤chunk, E]) float32 embedding pairs over the shards, in order."""
+    yield from _iter_records(shards, chunk, (schema.IMAGE_EMB, schema.TEXT_EMB))
+
+
+def shards_have(shards: str, key: str) -> bool:
+    """Whether the first record of the shards holds `key` (e.g. schema.TEXT_EMB)."""
     import webdataset as wds
+
+    for rec in wds.WebDataset(_urls(shards)[:1], shardshuffle=False, empty_check=False):
+        return key in rec
+    return False
+
+
+def _urls(shards: str) -> list[str]:
+    import braceexpand
 
     urls = [u for part in shards.split("::") for u in braceexpand.braceexpand(part)]
     if not urls:
@@ -35,18 +57,26 @@ def iter_image_embeddings(shards: str, chunk: int) -> Iterator[np.ndarray]:
     missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).exists()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} shard(s) not found, e.g. {missing[0]}; check --shards")
-    buf: list[np.ndarray] = []
+    return urls
+
+
+def _iter_records(shards: str, chunk: int, keys: tuple[str, ...]) -> Iterator[tuple[np.ndarray, ...]]:
+    import webdataset as wds
+
+    urls = _urls(shards)
+    bufs: list[list[np.ndarray]] = [[] for _ in keys]
     ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
     for rec in ds:
-        if schema.IMAGE_EMB not in rec:
-            raise ValueError(f"record {rec.get('__key__')} in {rec.get('__url__')} has no {schema.IMAGE_EMB}; "
-                             "re-extract the shards with image embeddings (vqd-extract with embeddings on)")
-        buf.append(schema.load_npy(rec[schema.IMAGE_EMB]).astype(np.float32))
-        if len(buf) == chunk:
-            yield np.stack(buf)
-            buf = []
-    if buf:
-        yield np.stack(buf)
+        for key, buf in zip(keys, bufs):
+            if key not in rec:
+                raise ValueError(f"record {rec.get('__key__')} in {rec.get('__url__')} has no {key}; re-extract the "
+                                 "shards with CLIP embeddings (vqd-extract --clip-model stores image and text ones)")
+            buf.append(schema.load_npy(rec[key]).astype(np.float32))
+        if len(bufs[0]) == chunk:
+            yield tuple(np.stack(b) for b in bufs)
+            bufs = [[] for _ in keys]
+    if bufs[0]:
+        yield tuple(np.stack(b) for b in bufs)
 
 
 def fit_clusters(chunks: Callable[[], Iterable[np.ndarray]], k: int, seed: int = 0,
@@ -94,10 +124,40 @@ def fit_clusters(chunks: Callable[[], Iterable[np.ndarray]], k: int, seed: int =
             "counts": torch.from_numpy(n)}
 
 
+def text_routed_stats(means: torch.Tensor, stds: torch.Tensor, pairs: Iterable[tuple]) -> dict:
+    """How the data sits around the component its *caption* picks (argmax cos(text, μ_c)), as the prior uses it.
+
+    pairs: (image [n,E], text [n,E]) chunks (arrays or tensors; normalised here). Returns
+    - routed_stds [k,E]: per-dim RMS of (e − μ_c) over the pairs routed to c, the spread the diffusion must
+      cover from N(μ_c, ·) (components fewer than 2 pairs pick get the RMS over all pairs);
+    - routed_counts [k]; agreement: the fraction of pairs whose caption picks the image's own (nearest) cluster;
+    - y_rms: the RMS of (e − μ_c)/σ_c over all pairs with the given `stds`, so the data has RMS y_rms/κ in the
+      shifted frame y = (e − μ_c)/(κσ_c), where the noise has RMS 1.
+    """
+    mu, sd = means.double(), stds.double()
+    k, E = mu.shape
+    n, ss, yy, agree = torch.zeros(k, dtype=torch.float64), torch.zeros(k, E, dtype=torch.float64), 0.0, 0
+    for img, txt in pairs:
+        img = F.normalize(torch.as_tensor(img).double(), dim=-1)
+        c = (F.normalize(torch.as_tensor(txt).double(), dim=-1) @ F.normalize(mu, dim=-1).T).argmax(1)
+        agree += int((torch.cdist(img, mu).argmin(1) == c).sum())
+        d2 = (img - mu[c]) ** 2  # [n, E]
+        n += torch.bincount(c, minlength=k).double()
+        ss.index_add_(0, c, d2)
+        yy += (d2 / sd[c] ** 2).sum().item()
+    if n.sum() == 0:
+        raise ValueError("no (image, text) embedding pairs to route; check the shards")
+    rms = (ss / n.clamp(min=1)[:, None]).sqrt()
+    routed = torch.where(n[:, None] >= 2, rms, (ss.sum(0) / n.sum()).sqrt()[None]).clamp(min=1e-6)
+    return {"routed_stds": routed.float(), "routed_counts": n.long(), "agreement": agree / n.sum().item(),
+            "y_rms": torch.tensor((yy / (n.sum().item() * E)) ** 0.5)}
+
+
 def _limit(chunks: Iterable[np.ndarray], max_samples: Optional[int]) -> Iterator[np.ndarray]:
     left = max_samples
     for x in chunks:
         x = np.asarray(x, dtype=np.float32)  # one dtype for fit and predict (sklearn's Cython needs it)
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # unit sphere, as the prior sees it
         if left is not None:
             if left <= 0:
                 return

@@ -42,6 +42,8 @@ class ShiftedGaussianDiffusion:
     def __init__(self, cfg: ShiftedDiffusionConfig):
         if cfg.sample_variance not in VARIANCES:
             raise ValueError(f"shifted.sample_variance={cfg.sample_variance!r}; use one of {VARIANCES}")
+        if cfg.p2_target not in ("x0", "eps"):
+            raise ValueError(f"shifted.p2_target={cfg.p2_target!r}; use 'x0' (as released) or 'eps'")
         self.cfg = cfg
         self.num_timesteps = cfg.num_timesteps
         # float64 for the schedule so ᾱ_t near 0 keeps its precision; cast at use
@@ -109,12 +111,22 @@ class ShiftedGaussianDiffusion:
         """Uniform t ∈ {0, …, T−1}, LongTensor[B]."""
         return torch.randint(0, self.num_timesteps, (batch,), device=device, generator=generator)
 
-    def loss(self, z0_pred: torch.Tensor, z0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Per-sample z_0-prediction MSE in z space, P2-weighted by 1/(1 + SNR_t) = 1 − ᾱ_t; [B]."""
-        mse = (z0_pred.float() - z0.float()).pow(2).flatten(1).mean(1)
+    def weight(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-sample weight of the ẑ0 MSE; [B] float32.
+
+        P2 (γ = 1, k = 1) is 1/(1 + SNR_t) = 1 − ᾱ_t on the loss named by `p2_target`: on the ẑ0 MSE itself
+        ("x0", as released), or on the ε MSE ("eps", as P2 is defined), which is SNR_t·(1 − ᾱ_t) = ᾱ_t on the
+        ẑ0 MSE (ε-MSE = SNR·x0-MSE). 1 when P2 is off.
+        """
         if not self.cfg.p2_weighting:
-            return mse
-        return mse * (1 - self._abar(t)).to(mse.dtype)
+            return torch.ones(t.shape, device=t.device)
+        a = self._abar(t)
+        return (a if self.cfg.p2_target == "eps" else 1 - a).float()
+
+    def loss(self, z0_pred: torch.Tensor, z0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Per-sample z_0-prediction MSE in z space times `weight(t)` (P2, as released); [B]."""
+        mse = (z0_pred.float() - z0.float()).pow(2).flatten(1).mean(1)
+        return mse * self.weight(t).to(mse.device)
 
     # -- sampling -------------------------------------------------------------------------------
     @torch.no_grad()

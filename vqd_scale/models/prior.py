@@ -4,6 +4,10 @@ Sequence (as released): [text-token context (L), text embedding, timestep, compo
 learned query]; causal self-attention; an MLP on the last (query) token predicts ẑ_0.
 The mixture holds the k Gaussian components N(μ_c, σ_c²) the diffusion starts from and picks one
 per pair by cosine(text embedding, μ_c). No distributed code.
+
+Embedding space: the model and its mixture live in z = s·e/‖e‖ with e the stored CLIP embedding and
+s = `prior_scale(cfg)` (√E by default: per-dim RMS 1, the scale of the unit DDPM noise). Clusters are
+fitted on the unit sphere and scaled by s when loaded (`PriorModel.load_clusters`).
 """
 from __future__ import annotations
 
@@ -35,6 +39,14 @@ PRIOR_SIZES: dict[str, PriorSize] = {
     "corgi-16": PriorSize(dim=2048, heads=32, layers=16),
     "corgi-20": PriorSize(dim=2048, heads=32, layers=20),
 }
+
+
+def prior_scale(cfg: PriorConfig) -> float:
+    """s of the prior's space z = s·e (e unit-norm): `prior.embed_scale`, or √embed_dim when unset."""
+    s = math.sqrt(cfg.embed_dim) if cfg.embed_scale is None else float(cfg.embed_scale)
+    if not s > 0:
+        raise ValueError(f"prior.embed_scale={cfg.embed_scale} must be > 0 (or null for √embed_dim)")
+    return s
 
 
 def resolve_prior_size(cfg: PriorConfig) -> PriorSize:
@@ -93,9 +105,11 @@ class Mixture(nn.Module):
         return sim.argmax(1)
 
     def forward(self, text_emb: torch.Tensor, z0: Optional[torch.Tensor] = None, kappa: float = 1.0,
-                aux_noise: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+                aux_noise: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
         """(component [B], μ [B,E], σ [B,E], aux losses) per pair; the aux losses need z0 and aux_noise.
 
+        weight [B]: the per-sample loss weight (P2) the aux losses are scaled by, as released; None = 1.
         One forward computes everything that reads the parameters, so ZeRO-3 (which gathers a
         module's parameters around its forward) sees them whole.
         """
@@ -103,26 +117,25 @@ class Mixture(nn.Module):
         means, stds = self.means(), self.stds()
         aux = {}
         if self.learnable and z0 is not None and aux_noise is not None:
-            aux = self._aux_losses(means, stds, z0, c, kappa, aux_noise)
+            w = z0.new_ones(z0.shape[0]) if weight is None else weight.to(z0.dtype)
+            aux = self._aux_losses(means[c], stds[c], z0, kappa, aux_noise, w)
         return c, means[c], stds[c], aux
 
     @staticmethod
-    def _aux_losses(means: torch.Tensor, stds: torch.Tensor, z0: torch.Tensor, c: torch.Tensor, kappa: float,
-                    noise: torch.Tensor) -> dict:
-        """Learnable-mixture losses: pull draws μ_c + κσ_c ε toward z_0; push the batch's chosen means apart.
+    def _aux_losses(mu: torch.Tensor, sd: torch.Tensor, z0: torch.Tensor, kappa: float, noise: torch.Tensor,
+                    weight: torch.Tensor) -> dict:
+        """Learnable-mixture losses as released (`training_losses`), each P2-weighted per sample.
 
-        noise: [D, B, E] standard normal draws (D = 16 in the release).
+        pull: −w_i · mean_d cos(z0_i, μ_{c_i} + κσ_{c_i} ε_d) over D draws (noise [D, B, E]; D = 16 released);
+        push: w_i · (1/B) Σ_{j≠i} cos(μ_{c_i}, μ_{c_j}) over the batch's chosen means (pairs that share a
+        component add a constant 1, no gradient), pushing components apart.
         """
-        draws = means[c] + kappa * stds[c] * noise  # [D, B, E]
-        pull = -F.cosine_similarity(draws, z0.float().unsqueeze(0), dim=-1).mean()
-        uniq = torch.unique(c)
-        if uniq.numel() < 2:
-            push = pull.new_zeros(())
-        else:
-            m = F.normalize(means[uniq], dim=-1)
-            sim = m @ m.T  # [u, u]
-            off = ~torch.eye(len(uniq), dtype=torch.bool, device=sim.device)
-            push = sim[off].mean()
+        draws = mu + kappa * sd * noise  # [D, B, E]
+        pull = -(weight * F.cosine_similarity(draws, z0.float().unsqueeze(0), dim=-1).mean(0)).mean()
+        m = F.normalize(mu, dim=-1)
+        sim = m @ m.T  # [B, B]
+        off = sim - torch.diag_embed(sim.diagonal())
+        push = (weight * off.mean(1)).mean()
         return {"mixture_pull": pull, "mixture_push": push}
 
 
@@ -153,6 +166,7 @@ class PriorModel(nn.Module):
         size = resolve_prior_size(cfg)
         self.size, D = size, size.dim
         self.activation_checkpointing = cfg.activation_checkpointing
+        self.embed_scale = prior_scale(cfg)
         self.mixture = Mixture(cfg.num_components, cfg.embed_dim, learnable_mixture, mixture_lr_scale)
         self.context_proj = nn.Linear(cfg.context_dim, D)
         self.text_proj = nn.Linear(cfg.embed_dim, D)
@@ -165,6 +179,14 @@ class PriorModel(nn.Module):
         self.blocks = nn.ModuleList(Block(D, size.heads) for _ in range(size.layers))
         self.head = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, D), nn.GELU(), nn.Linear(D, cfg.embed_dim))
 
+    def load_clusters(self, means: torch.Tensor, stds: torch.Tensor) -> None:
+        """Set the mixture from clusters fitted on the unit sphere (tools/fit_prior_clusters.py), scaled by s."""
+        self.mixture.load_clusters(means.float() * self.embed_scale, stds.float() * self.embed_scale)
+
+    def to_prior_space(self, emb: torch.Tensor) -> torch.Tensor:
+        """z = s·e/‖e‖ for stored CLIP embeddings e [B, E] (float32)."""
+        return F.normalize(emb.float(), dim=-1) * self.embed_scale
+
     def forward(self, z_t: torch.Tensor, t: torch.Tensor, text_emb: torch.Tensor, component: torch.Tensor,
                 context: Optional[torch.Tensor] = None, drop_text: Optional[torch.Tensor] = None) -> torch.Tensor:
         """ẑ_0 (see `denoise`)."""
@@ -172,7 +194,8 @@ class PriorModel(nn.Module):
 
     def denoise(self, z_t: torch.Tensor, t: torch.Tensor, text_emb: torch.Tensor, component: torch.Tensor,
                 context: Optional[torch.Tensor] = None, drop_text: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """ẑ_0 from z_t [B,E], t [B], text embedding [B,E], component [B] and context [B,L,Dc].
+        """ẑ_0 from z_t [B,E], t [B], text embedding [B,E], component [B] and context [B,L,Dc]; z_t, ẑ_0 and
+        the text embedding in the prior's space (`to_prior_space`).
 
         Context None (or rows with drop_text) = the zeroed text-token context used for CFG.
         """
@@ -202,5 +225,5 @@ def build_prior(cfg: PriorConfig, learnable_mixture: bool = False, mixture_lr_sc
     if clusters is not None:
         from vqd_scale.data.clusters import load_clusters
         cl = load_clusters(clusters)
-        model.mixture.load_clusters(cl["means"], cl["stds"])
+        model.load_clusters(cl["means"], cl["stds"])
     return model

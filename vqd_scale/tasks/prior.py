@@ -2,7 +2,9 @@
 
 Frozen text tower gives the per-token context (and the text embedding when the batch has none);
 the component is chosen per pair from the mixture; z_t ~ q(z_t | z_0) around it; the prior predicts
-ẑ_0; loss = P2-weighted MSE in z space (+ the mixture losses when the mixture is learnable).
+ẑ_0; loss = P2-weighted MSE in z space (+ the P2-weighted mixture losses when the mixture is learnable).
+z = s·e/‖e‖ (`models.prior.prior_scale`, √E by default): the stored unit-norm CLIP embeddings go in,
+sampled embeddings come back on the unit sphere.
 """
 from __future__ import annotations
 
@@ -32,12 +34,17 @@ class TrainablePrior(PriorModel):
     def forward(self, z0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, text_emb: torch.Tensor,
                 context: torch.Tensor, drop_text: torch.Tensor, aux_noise: Optional[torch.Tensor] = None
                 ) -> tuple[torch.Tensor, dict]:
-        """(loss, metrics) for z0 [B,E] at t [B] with noise ε [B,E]; aux_noise [D,B,E] for a learnable mixture."""
+        """(loss, metrics) for stored embeddings z0, text_emb [B,E] at t [B] with noise ε [B,E] (prior space);
+        aux_noise [D,B,E] for a learnable mixture."""
         if self.diffusion.betas.device != z0.device:
             self.diffusion.to(z0.device)
-        c, mu, sigma, aux = self.mixture(text_emb, z0=z0, kappa=self.shifted_cfg.kappa, aux_noise=aux_noise)
+        z0, text_emb = self.to_prior_space(z0), self.to_prior_space(text_emb)
+        c, mu, sigma, aux = self.mixture(text_emb, z0=z0, kappa=self.shifted_cfg.kappa, aux_noise=aux_noise,
+                                         weight=self.diffusion.weight(t))
         mu, scale = self.diffusion.frame(mu, sigma, z0)
-        z_t = self.diffusion.q_sample(z0.float(), t, mu, scale, noise)
+        # z_t carries no gradient to the mixture (the release detaches q_sample): else the MSE would shrink σ_c
+        # (less noise is easier to denoise) and the learnable mixture would collapse its stds
+        z_t = self.diffusion.q_sample(z0, t, mu.detach(), scale.detach(), noise)
         pred = self.denoise(z_t, t, text_emb, c, context, drop_text)
         mse = self.diffusion.loss(pred, z0, t)
         loss = mse.mean() + sum(aux.values(), torch.zeros((), device=z0.device))
@@ -67,7 +74,7 @@ class PriorTask:
         self.module = TrainablePrior(prior_cfg, shifted_cfg)
         if shifted_cfg.clusters is not None:
             cl = load_clusters(shifted_cfg.clusters)
-            self.module.mixture.load_clusters(cl["means"], cl["stds"])
+            self.module.load_clusters(cl["means"], cl["stds"])
         self.model_config = {"prior": dataclasses.asdict(prior_cfg),
                              "learnable_mixture": shifted_cfg.learnable_mixture}
         self.diffusion = ShiftedGaussianDiffusion(shifted_cfg).to(device)
@@ -124,7 +131,9 @@ class PriorTask:
 def sample_embeddings(model: PriorModel, diffusion: ShiftedGaussianDiffusion, text_emb: torch.Tensor,
                       context: Optional[torch.Tensor], steps: int, generator: Optional[torch.Generator] = None,
                       guidance_scale: float = 1.0, clamp_x0: bool = False) -> torch.Tensor:
-    """Generated image embeddings [B,E]: z_T = μ_c + κσ_c ε, `steps` respaced ancestral steps, CFG via zeroed context."""
+    """Generated image embeddings [B,E] on the unit sphere (the stored embeddings' space) for stored text
+    embeddings [B,E]: z_T = μ_c + κσ_c ε, `steps` respaced ancestral steps, CFG via zeroed context."""
+    text_emb = model.to_prior_space(text_emb)
     c, mu, sigma, _ = model.mixture(text_emb)
     mu_s, scale = diffusion.frame(mu, sigma, text_emb.float())
     bounds = (mu - 3 * sigma, mu + 3 * sigma) if clamp_x0 and diffusion.cfg.shifted else None
@@ -140,7 +149,8 @@ def sample_embeddings(model: PriorModel, diffusion: ShiftedGaussianDiffusion, te
                             torch.cat([c, c]), ctx, drop).float()
         return out[:B], out[B:]
 
-    return diffusion.sample(denoise, mu_s, scale, steps, generator, guidance_scale, bounds)
+    z = diffusion.sample(denoise, mu_s, scale, steps, generator, guidance_scale, bounds)
+    return torch.nn.functional.normalize(z, dim=-1)
 
 
 def build(cfg, device: torch.device) -> PriorTask:
