@@ -19,7 +19,7 @@ from vqd_scale.tasks import build_task
 from vqd_scale.train import checkpoint as ckpt_io
 from vqd_scale.train import distributed as D
 from vqd_scale.train.ema import EMA
-from vqd_scale.train.engine import build_engine
+from vqd_scale.train.engine import build_engine, fp32_master, set_fp32_master
 from vqd_scale.train.lr_schedule import lr_at, set_lr
 from vqd_scale.train.metrics import MetricsLogger, peak_flops, peak_memory_mb
 from vqd_scale.train.checkpoint import DONE_FILE, TEXT_FILE
@@ -155,11 +155,14 @@ def _setup_and_loop(cfg: RunConfig, resume: Optional[str], init_from: Optional[s
         warnings.warn(f"checkpoint {ckpt} was written by {trainer_saved['world_size']} ranks, this run has "
                       f"{env.world_size}: loading consolidated weights; optimizer state is REBUILT and the "
                       "data loader restarts at a new position", stacklevel=1)
-        _load_module_weights(task.module, ckpt_io.load_weights(ckpt, "model"), str(ckpt))
+        consolidated = ckpt_io.load_weights(ckpt, "model")
+        _load_module_weights(task.module, consolidated, str(ckpt))
     engine, precision = build_engine(task.module, cfg.deepspeed, cfg.optim, cfg.data.batch_size,
                                      env.world_size, device)
+    if trainer_saved is not None and not same_world:
+        set_fp32_master(engine, consolidated)  # 16-bit runs: the master copy was made from rounded weights
     ema = EMA(cfg.optim.ema_decay, cfg.optim.ema_every, keep=env.is_main)
-    ema.init_from(engine.module)
+    ema.init_from(engine.module, fp32_master(engine))
 
     from vqd_scale.data.loader import build_loader
     # Caption dropout (for classifier-free guidance) is drawn by the loader so it resumes exactly.
@@ -185,7 +188,7 @@ def _setup_and_loop(cfg: RunConfig, resume: Optional[str], init_from: Optional[s
 
     logger = MetricsLogger(cfg.logging, run_dir, env.is_main, to_dict(cfg), state.step)
     try:
-        return _loop(cfg, env, device, task, engine, ema, loader, state, logger, stop, run_dir, config_yaml)
+        return _loop(cfg, env, device, task, engine, ema, loader, state, logger, stop, run_dir, config_yaml, precision)
     finally:
         logger.close()
         D.shutdown()
@@ -202,10 +205,11 @@ def _save(cfg, env, engine, ema, task, loader, state, run_dir, config_yaml) -> P
                                    cfg.checkpoint.keep_last, cfg.checkpoint.milestone_every)
 
 
-def _loop(cfg, env, device, task, engine, ema, loader, state, logger, stop, run_dir, config_yaml) -> int:
+def _loop(cfg, env, device, task, engine, ema, loader, state, logger, stop, run_dir, config_yaml, precision) -> int:
     accum, global_batch = cfg.deepspeed.grad_accum, cfg.data.batch_size * env.world_size
     gen = torch.Generator(device=device)
-    peak = peak_flops(device)
+    peak = peak_flops(device, precision)
+    master = fp32_master(engine)
     it = iter(loader)
     last_save = last_log = time.monotonic()
     acc: dict[str, torch.Tensor] = {}  # running sums of the task's scalar metrics over the log interval
@@ -233,7 +237,7 @@ def _loop(cfg, env, device, task, engine, ema, loader, state, logger, stop, run_
             n_acc += 1
             state.samples_seen += global_batch
         state.step += 1
-        ema.maybe_update(engine.module, state.step)
+        ema.maybe_update(engine.module, state.step, master)
         # ---- logging ---------------------------------------------------------------------------
         final = state.samples_seen >= cfg.max_samples
         if state.step % cfg.logging.every_steps == 0 or final:
@@ -247,8 +251,9 @@ def _loop(cfg, env, device, task, engine, ema, loader, state, logger, stop, run_
                        "samples_seen": state.samples_seen, "samples_per_s": sps,
                        "tokens_per_s": sps * task.tokens_per_sample, "data_wait": wait / max(now - last_log, 1e-9),
                        "peak_mem_mb": peak_memory_mb(device)}
-            if peak and task.flops_per_sample:
-                metrics["mfu"] = task.flops_per_sample * sps / (peak * env.world_size)
+            if peak:  # model FLOPs (MFU) and with activation-checkpointing recompute (HFU): train/flops.py
+                metrics["mfu"] = task.flops.model * sps / (peak * env.world_size)
+                metrics["hfu"] = task.flops.hardware * sps / (peak * env.world_size)
             logger.log(state.step, metrics)
             acc.clear()
             n_acc, wait, last_log, samples_at_log = 0, 0.0, now, state.samples_seen
