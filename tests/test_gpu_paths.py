@@ -17,7 +17,7 @@ from vqd_scale.config import (DeepSpeedConfig, DiscreteDiffusionConfig, OptimCon
                               ShiftedDiffusionConfig, TextEncoderConfig, TransformerConfig)
 from vqd_scale.train.distributed import DistEnv, gpu_index, launch_vars
 from vqd_scale.train.engine import choose_precision, ds_config
-from vqd_scale.train.flops import prior_flops, text_tower_flops, vqd_flops
+from vqd_scale.models.flops import prior_flops, text_tower_flops, vqd_flops
 from vqd_scale.train.metrics import peak_flops_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,7 +83,7 @@ def test_prior_flops_equal_flop_counter(ckpt):
 
 def test_text_tower_flops_equal_flop_counter():
     from vqd_scale.models.text import FrozenCLIPTextEncoder
-    from vqd_scale.train.flops import frozen_text_flops
+    from vqd_scale.models.flops import frozen_text_flops
     te = FrozenCLIPTextEncoder(TextEncoderConfig(model="tiny", tiny_width=64, tiny_layers=2, tiny_heads=2))
     counted = _counted(lambda: te(torch.randint(1, 400, (3, 77))))
     assert counted == 3 * text_tower_flops(64, 2, 77) == 3 * frozen_text_flops(te)

@@ -14,6 +14,7 @@ import torch
 from vqd_scale.config import PriorConfig, ShiftedDiffusionConfig, TextEncoderConfig
 from vqd_scale.diffusion.shifted import ShiftedGaussianDiffusion
 from vqd_scale.data.clusters import load_clusters
+from vqd_scale.models.flops import frozen_text_flops, prior_flops
 from vqd_scale.models.prior import PriorModel, resolve_prior_size
 
 
@@ -73,7 +74,6 @@ class PriorTask:
         self.diffusion = ShiftedGaussianDiffusion(shifted_cfg).to(device)
         size = resolve_prior_size(prior_cfg)
         self.tokens_per_sample = 1
-        from vqd_scale.train.flops import frozen_text_flops, prior_flops
         self.flops = prior_flops(size.layers, size.dim, prior_cfg.context_len, prior_cfg.context_dim,
                                  prior_cfg.embed_dim, prior_cfg.num_components, prior_cfg.activation_checkpointing,
                                  frozen_text_flops(self.text))

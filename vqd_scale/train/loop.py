@@ -251,7 +251,7 @@ def _loop(cfg, env, device, task, engine, ema, loader, state, logger, stop, run_
                        "samples_seen": state.samples_seen, "samples_per_s": sps,
                        "tokens_per_s": sps * task.tokens_per_sample, "data_wait": wait / max(now - last_log, 1e-9),
                        "peak_mem_mb": peak_memory_mb(device)}
-            if peak:  # model FLOPs (MFU) and with activation-checkpointing recompute (HFU): train/flops.py
+            if peak:  # model FLOPs (MFU) and with activation-checkpointing recompute (HFU): models/flops.py
                 metrics["mfu"] = task.flops.model * sps / (peak * env.world_size)
                 metrics["hfu"] = task.flops.hardware * sps / (peak * env.world_size)
             logger.log(state.step, metrics)

@@ -12,7 +12,7 @@ Memory per rank is the sum of
 - communication buffers, the frozen fp32 text tower, and on rank 0 the fp32 EMA (4Ψ).
 On a GPU the CUDA context, NCCL and the caching allocator's fragmentation come on top of what
 `torch.cuda.max_memory_allocated` reports; `CUDA_RESERVE` is an estimate of that, not a measurement.
-Step time = FLOPs that run (train/flops.py, recompute included) × samples / (ranks × peak × assumed
+Step time = FLOPs that run (models/flops.py, recompute included) × samples / (ranks × peak × assumed
 utilisation).
 """
 from __future__ import annotations
@@ -245,7 +245,7 @@ def plan(cfg: RunConfig, gpus_per_node: int, nodes: int, gpu_gib: float, peak_fl
     checkpointing's recompute then costs time, and the MFU it implies is util × model / hardware FLOPs.
     """
     from vqd_scale.models.transformer import resolve_size
-    from vqd_scale.train.flops import text_tower_flops, vqd_flops
+    from vqd_scale.models.flops import text_tower_flops, vqd_flops
 
     world = gpus_per_node * nodes
     mem = memory_per_rank(cfg, world, precision, "cuda")
