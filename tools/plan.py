@@ -7,7 +7,7 @@
 For each combination: per-GPU memory by component (vqd_scale/train/plan.py: ZeRO states by formula,
 activations from the step traced on the meta device), the rank-0 total with the fp32 EMA, an estimate of
 what the CUDA process reserves on top, and step time / days to `max_samples` at an assumed utilisation of
-the peak on the FLOPs that run (train/flops.py; activation checkpointing's recompute costs time). Warns when a configuration does not fit or leaves most of the card idle.
+the peak on the FLOPs that run (models/flops.py; activation checkpointing's recompute costs time). Warns when a configuration does not fit or leaves most of the card idle.
 """
 from __future__ import annotations
 
