@@ -136,7 +136,12 @@ def worker(configs: list[dict]) -> None:
             pred = predicted(cfg, env.world_size, res["precision"], device.type)
             print("RESULT " + json.dumps({**c, "world": env.world_size, "measured": max(peaks), "predicted": pred,
                                           "base": res["base"]}), flush=True)
+    D.barrier()
     D.shutdown()
+    # Skip interpreter finalisation: gloo worker threads still holding async work (ZeRO-3 prefetch) can abort
+    # the process there ("terminate called without an active exception"; pytorch/pytorch#179291).
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def run(configs: list[dict], world: int, timeout: int = 1200) -> list[dict]:

@@ -10,7 +10,9 @@ DeepSpeed can accumulate in fp32), then
 - the optimizer accumulates in fp32 and reduces in fp32.
 Rank 0 prints `RESULT {json}`.
 """
+import gc
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -90,6 +92,8 @@ def check_stage(stage: int, env, device, tmp: Path) -> dict:
         out["master_rounded_without_set"] = any(not torch.equal(before[n], ref[n].float()) for n in ref)
         out["master_exact_after_set"] = all(torch.equal(after[n], ref[n].float()) for n in ref)
     train_steps(engine2, 1, accum, seed=10 + env.rank)  # the restored master still trains
+    del engine, engine2
+    gc.collect()
     return out
 
 
@@ -101,7 +105,11 @@ def main() -> None:
     results = {stage: check_stage(stage, env, device, Path(sys.argv[2])) for stage in stages}
     if env.is_main:
         print("RESULT " + json.dumps(results), flush=True)
+    D.barrier()
     D.shutdown()
+    # Skip interpreter finalisation: gloo worker threads still holding async work (ZeRO-3 prefetch) can abort
+    # the process there ("terminate called without an active exception"; pytorch/pytorch#179291).
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -167,7 +167,7 @@ def test_bf16_ema_reads_fp32_master_and_resume_restores_it(tmp_path):
                         str(REPO / "tests" / "gpu_paths_worker.py"), "0,1,2,3", str(tmp_path)],
                        capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    assert r.returncode == 0 and line, r.stderr[-4000:]
+    assert r.returncode == 0 and line, r.stdout[-1000:] + r.stderr[-4000:]
     res = json.loads(line[len("RESULT "):])
     for stage, out in res.items():
         assert out["precision"] == "bf16", stage
