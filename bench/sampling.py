@@ -6,6 +6,7 @@ the `VQDiffusionPipeline` denoising loop verbatim (cond+uncond batch, CFG, trunc
 and ratios measured in the same run; `--append` adds the figures to docs/performance.md.
 
     OMP_NUM_THREADS=2 python bench/sampling.py [--append]
+    python bench/sampling.py --device cuda --bf16 --layers 19 --dim 1024 --heads 16 --K 2887 --batch 16
 """
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 import_open_clip()  # diffusers' model imports pull in torchvision, which needs the compat patch here
 
 
-def build(args):
-    """Our model and a diffusers Transformer2DModel with the same weights (checked on one forward)."""
+def build(args, device: torch.device):
+    """Our model and a diffusers Transformer2DModel with the same weights (checked on one forward), on `device`."""
     from diffusers import Transformer2DModel
 
     torch.manual_seed(0)
@@ -44,37 +45,40 @@ def build(args):
     theirs = Transformer2DModel(**config).eval()
     rest, _ = split_null(dsd)
     theirs.load_state_dict(rest)
-    x = torch.randint(0, args.K + 1, (2, args.side ** 2))
-    ctx = torch.randn(2, 77, args.context_dim)
-    with torch.inference_mode():
-        diff = (ours(x, torch.tensor([7, 7]), ctx) - theirs(x, encoder_hidden_states=ctx,
-                                                             timestep=torch.tensor(7)).sample).abs().max()
-    assert diff < 1e-4, f"weight mapping broken: max |Δ log p| = {diff}"
+    ours, theirs = ours.to(device), theirs.to(device)
+    x = torch.randint(0, args.K + 1, (2, args.side ** 2), device=device)
+    ctx = torch.randn(2, 77, args.context_dim, device=device)
+    with torch.inference_mode():  # fp32 (GPU matmuls may use TF32: a looser bound there)
+        diff = (ours(x, torch.tensor([7, 7], device=device), ctx) - theirs(
+            x, encoder_hidden_states=ctx, timestep=torch.tensor(7, device=device)).sample).abs().max()
+    assert diff < (1e-4 if device.type == "cpu" else 1e-2), f"weight mapping broken: max |Δ log p| = {diff}"
     return cfg, ours, theirs
 
 
-def run_ours(model, diffusion, context, steps, guidance, truncation, seed):
+def run_ours(model, diffusion, context, steps, guidance, truncation, seed, amp=None):
     """Our path: `generate.make_denoise` (context K/V once, one [cond; uncond] forward) + `sample`."""
     cfg = SamplerConfig(steps=steps, guidance_scale=guidance, truncation_rate=truncation)
     with torch.inference_mode():
-        den = make_denoise(model, context, guided=guidance != 1.0)
-        return sample(diffusion, den, context.shape[0], model.num_tokens, cfg, torch.Generator().manual_seed(seed))
+        den = make_denoise(model, context, guided=guidance != 1.0, autocast_dtype=amp)
+        gen = torch.Generator(device=context.device).manual_seed(seed)
+        return sample(diffusion, den, context.shape[0], model.num_tokens, cfg, gen)
 
 
 @torch.inference_mode()
-def run_diffusers(transformer, scheduler, context, null, steps, guidance, truncation, seed):
+def run_diffusers(transformer, scheduler, context, null, steps, guidance, truncation, seed, amp=None):
     """The VQDiffusionPipeline loop (diffusers 0.42), from prompt embeddings to tokens."""
     from diffusers.pipelines.deprecated.vq_diffusion.pipeline_vq_diffusion import VQDiffusionPipeline
 
-    B = context.shape[0]
+    B, device = context.shape[0], context.device
     cfg_on = guidance > 1.0
     embeds = torch.cat([null.expand(B, -1, -1), context]) if cfg_on else context
-    generator = torch.Generator().manual_seed(seed)
-    sample_ = torch.full((B, transformer.num_latent_pixels), transformer.num_vector_embeds - 1)
-    scheduler.set_timesteps(steps)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    sample_ = torch.full((B, transformer.num_latent_pixels), transformer.num_vector_embeds - 1, device=device)
+    scheduler.set_timesteps(steps, device=device)
     for t in scheduler.timesteps:
         inp = torch.cat([sample_] * 2) if cfg_on else sample_
-        out = transformer(inp, encoder_hidden_states=embeds, timestep=t).sample
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            out = transformer(inp, encoder_hidden_states=embeds, timestep=t).sample.float()
         if cfg_on:
             out_u, out_c = out.chunk(2)
             out = out_u + guidance * (out_c - out_u)
@@ -84,14 +88,17 @@ def run_diffusers(transformer, scheduler, context, null, steps, guidance, trunca
     return sample_
 
 
-def timed(fns: dict, repeats: int) -> dict:
+def timed(fns: dict, repeats: int, device: torch.device = torch.device("cpu")) -> dict:
     """Best wall time per entry over `repeats` interleaved rounds (interleaving spreads the noise
-    of a shared machine over all entries alike)."""
+    of a shared machine over all entries alike); synchronised on GPU."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     best = {k: float("inf") for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
+            sync()
             t0 = time.perf_counter()
             fn()
+            sync()
             best[k] = min(best[k], time.perf_counter() - t0)
     return best
 
@@ -108,32 +115,39 @@ def main():
     ap.add_argument("--guidance", type=float, default=5.0)
     ap.add_argument("--truncation", type=float, default=1.0)  # the pipeline's default
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=100, help="equal steps for both; ours also at a quarter of them")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast for both transformers")
     ap.add_argument("--append", action="store_true", help="append the figures to docs/performance.md")
     args = ap.parse_args()
     from diffusers import VQDiffusionScheduler
 
-    cfg, ours, theirs = build(args)
-    diffusion = MaskAndReplace(DiscreteDiffusionConfig(preset="released", num_timesteps=100), args.K)
+    device = torch.device(args.device)
+    amp = torch.bfloat16 if args.bf16 else None
+    n, q = args.steps, max(1, args.steps // 4)
+    cfg, ours, theirs = build(args, device)
+    diffusion = MaskAndReplace(DiscreteDiffusionConfig(preset="released", num_timesteps=100), args.K).to(device)
     scheduler = VQDiffusionScheduler(args.K + 1, 100, *SCHEDULE_PRESETS["released"])
-    context = torch.randn(args.batch, 77, args.context_dim)
+    context = torch.randn(args.batch, 77, args.context_dim, device=device)
     null = ours.null_context.detach()
     B = args.batch
-    run = lambda steps: run_ours(ours, diffusion, context, steps, args.guidance, args.truncation, 0)
-    run_d = lambda steps: run_diffusers(theirs, scheduler, context, null, steps, args.guidance, args.truncation, 0)
+    run = lambda steps: run_ours(ours, diffusion, context, steps, args.guidance, args.truncation, 0, amp)
+    run_d = lambda steps: run_diffusers(theirs, scheduler, context, null, steps, args.guidance, args.truncation, 0,
+                                        amp)
     run(2), run_d(2)  # warm-up (allocator, first-call dispatch)
-    secs = timed({"diff100": lambda: run_d(100), "ours100": lambda: run(100), "ours25": lambda: run(25)},
-                 args.repeats)
+    secs = timed({"diff": lambda: run_d(n), "ours": lambda: run(n), "ours_q": lambda: run(q)}, args.repeats, device)
     ips = {k: B / v for k, v in secs.items()}
-    size = (f"{args.layers}L×{args.dim}D, {args.side}×{args.side} tokens, K={args.K}, "
-            f"batch {B}, guidance {args.guidance}, truncation {args.truncation}, best of {args.repeats}")
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda" else
+             f"CPU, torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} at the end")
+    size = (f"{args.layers}L×{args.dim}D, {args.side}×{args.side} tokens, K={args.K}, batch {B}, guidance "
+            f"{args.guidance}, truncation {args.truncation}, {'bf16' if amp else 'fp32'}, best of {args.repeats}")
     lines = [
-        f"sampling ({size}; torch threads {torch.get_num_threads()}; "
-        f"load average {os.getloadavg()[0]:.1f} at the end: the machine is shared, ratios are same-run)",
-        f"  diffusers Transformer2DModel + VQDiffusionScheduler, 100 steps: {ips['diff100']:.3f} img/s",
-        f"  ours, 100 steps (equal steps):                                {ips['ours100']:.3f} img/s"
-        f"  → ratio {ips['ours100'] / ips['diff100']:.2f}×",
-        f"  ours, 25 skip-steps vs diffusers 100 steps:                   {ips['ours25']:.3f} img/s"
-        f"  → ratio {ips['ours25'] / ips['diff100']:.2f}×",
+        f"sampling ({size}; {where}; ratios are same-run)",
+        f"  diffusers Transformer2DModel + VQDiffusionScheduler, {n} steps: {ips['diff']:.3f} img/s",
+        f"  ours, {n} steps (equal steps):                                {ips['ours']:.3f} img/s"
+        f"  → ratio {ips['ours'] / ips['diff']:.2f}×",
+        f"  ours, {q} skip-steps vs diffusers {n} steps:                   {ips['ours_q']:.3f} img/s"
+        f"  → ratio {ips['ours_q'] / ips['diff']:.2f}×",
     ]
     print("\n".join(lines))
     if args.append:

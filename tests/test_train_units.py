@@ -86,7 +86,7 @@ def test_ds_config_and_param_groups():
     assert not conf["bf16"]["enabled"]
     assert resolve_precision(DeepSpeedConfig(precision="auto"), torch.device("cpu")) == "fp32"
     with pytest.raises(ValueError, match="needs a GPU"):
-        resolve_precision(DeepSpeedConfig(precision="bf16"), torch.device("cpu"))
+        resolve_precision(DeepSpeedConfig(precision="fp16"), torch.device("cpu"))
     with pytest.raises(ValueError, match="zero_stage >= 1"):
         ds_config(DeepSpeedConfig(zero_stage=0, offload_optimizer=True), OptimConfig(), 1, 1, "fp32")
     m = nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 4), nn.LayerNorm(4))

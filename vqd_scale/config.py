@@ -160,10 +160,15 @@ class OptimConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    """ZeRO stage and precision; bf16 only takes effect on GPU."""
+    """ZeRO stage, precision, gradient communication; see docs/performance.md (GPU notes)."""
     zero_stage: int = 2
-    precision: str = "auto"  # auto = bf16 on GPU, fp32 on CPU | fp32 | bf16
-    grad_accum: int = 1
+    # auto = bf16 on a GPU with native bf16 (compute capability >= 8), fp16 with dynamic loss scaling on
+    # older GPUs, fp32 on CPU | fp32 | bf16 | fp16 (GPU only)
+    precision: str = "auto"
+    grad_accum: int = 1  # micro-steps per optimizer step; with bf16/fp16 they are accumulated in fp32
+    # dtype of the gradient reduction over ranks: fp32 (sums of many bf16 gradients lose bits; 2x the
+    # traffic of bf16) | model (the training precision, half the traffic)
+    communication_dtype: str = "fp32"
     offload_optimizer: bool = False
     # ZeRO communication buckets (elements). DeepSpeed's default 5e8 allocates a 2 GB fp32 buffer per
     # rank under ZeRO-3 whatever the model size; 5e7 keeps it at 200 MB (fp32) / 100 MB (bf16).
@@ -296,8 +301,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(cfg.data.max_consecutive_failures >= 1, "data.max_consecutive_failures", "must be >= 1")
     _check(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage",
            f"got {cfg.deepspeed.zero_stage}; use 0, 1, 2 or 3")
-    _check(cfg.deepspeed.precision in ("auto", "fp32", "bf16"), "deepspeed.precision",
-           f"got {cfg.deepspeed.precision!r}; use auto, fp32 or bf16")
+    _check(cfg.deepspeed.precision in ("auto", "fp32", "bf16", "fp16"), "deepspeed.precision",
+           f"got {cfg.deepspeed.precision!r}; use auto, fp32, bf16 or fp16")
+    _check(cfg.deepspeed.communication_dtype in ("fp32", "model"), "deepspeed.communication_dtype",
+           f"got {cfg.deepspeed.communication_dtype!r}; use fp32 or model")
     _check(cfg.deepspeed.grad_accum >= 1, "deepspeed.grad_accum", "must be >= 1")
     _check(cfg.deepspeed.bucket_elements >= 1_000_000, "deepspeed.bucket_elements",
            "must be >= 1e6 (smaller buckets make ZeRO communication latency-bound)")

@@ -24,6 +24,19 @@ def _log(x: torch.Tensor) -> torch.Tensor:
     return torch.log(x.clamp(min=0.0)).clamp(min=LOG_EPS)
 
 
+def _require(ok: torch.Tensor, msg: str) -> None:
+    """Raise ValueError(msg) unless the 0-dim bool `ok` is true; on an accelerator, assert asynchronously.
+
+    Reading `ok` on the host would stall the GPU queue every call (several times per micro-step);
+    `torch._assert_async` fails the device at the next sync point instead, with `msg` in the error.
+    """
+    if ok.device.type == "cpu":
+        if not bool(ok):
+            raise ValueError(msg)
+    elif ok.device.type != "meta":
+        torch._assert_async(ok, msg)
+
+
 def log_onehot(x: torch.Tensor, num_rows: int) -> torch.Tensor:
     """Long[B,N] → F[B,num_rows,N] log one-hot (0 at the index, LOG_EPS elsewhere)."""
     out = torch.full((x.shape[0], num_rows, x.shape[1]), LOG_EPS, device=x.device)
@@ -58,14 +71,17 @@ class MaskAndReplace:
         self.device = torch.device("cpu")
 
     def to(self, device) -> "MaskAndReplace":
-        """Schedules stay on CPU in float64 (they are tiny); this only records where outputs go."""
+        """Move the (tiny, float64) schedule tables to `device`: indexing them by t on the device then
+        needs no copy to the host (a CPU table indexed by a GPU t is a device→host sync per call)."""
         self.device = torch.device(device)
+        for k in ("alpha_cum", "beta_cum", "gamma_cum", "alpha", "beta", "gamma"):
+            setattr(self, k, getattr(self, k).to(self.device))
         return self
 
     # ---------------------------------------------------------------- schedule helpers
     def _cum(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(ᾱ_t, β̄_t, γ̄_t) float64 for t ∈ {−1..T−1}."""
-        i = t.cpu() + 1
+        """(ᾱ_t, β̄_t, γ̄_t) float64 for t ∈ {−1..T−1}, on the tables' device."""
+        i = t.to(self.alpha_cum.device) + 1
         return self.alpha_cum[i], self.beta_cum[i], self.gamma_cum[i]
 
     def _transition(self, s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -120,8 +136,7 @@ class MaskAndReplace:
         if x_t.shape != (B, N):
             raise ValueError(f"x_t shape {tuple(x_t.shape)} does not match log_x0 [B={B}, K, N={N}]")
         s = t - 1 if t_prev is None else t_prev
-        if (s >= t).any() or (s < -1).any():
-            raise ValueError("t_prev must satisfy −1 <= t_prev < t")
+        _require((s < t).all() & (s >= -1).all(), "t_prev must satisfy −1 <= t_prev < t")
         masked = (x_t == self.mask_id).unsqueeze(1)  # [B,1,N]
         idx = x_t.clamp(max=K - 1).unsqueeze(1)  # [B,1,N]; the code index of unmasked x_t
         a_t, b_t, g_t = (self._coef(v, log_x0) for v in self._cum(t))
@@ -219,9 +234,9 @@ class MaskAndReplace:
         hi = self.num_classes + (1 if allow_mask else 0)
         if x.dtype != torch.long or x.dim() != 2:
             raise ValueError(f"{name} must be a LongTensor [B, N], got {x.dtype} {tuple(x.shape)}")
-        if x.numel() and (int(x.min()) < 0 or int(x.max()) >= hi):
-            raise ValueError(f"{name} has token ids outside [0, {hi}); check the tokenizer's num_classes "
-                             f"(K={self.num_classes}) matches the data")
+        if x.numel():
+            _require((x >= 0).all() & (x < hi).all(), f"{name} has token ids outside [0, {hi}); check the "
+                     f"tokenizer's num_classes (K={self.num_classes}) matches the data")
 
 
 def sample_categorical(log_p: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:

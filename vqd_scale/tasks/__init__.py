@@ -7,7 +7,8 @@ A task (see docs/architecture.md, Tasks) has:
 - `loss(module, batch, generator) -> (loss scalar, metrics)`; `module` is the DeepSpeed engine (call it
   like the module). Metrics are tensors: 0-dim ones are logged (averaged over ranks); the per-sample
   ones named in `gather_keys` are all-gathered (rank order) and handed to `after_step(gathered)`;
-- `tokens_per_sample` (for tokens/s) and `flops_per_sample` (for MFU, 0 = unknown);
+- `tokens_per_sample` (for tokens/s), `flops` (`train.flops.StepFlops`: MFU/HFU) and `flops_per_sample`
+  (= flops.model);
 - `state_dict()` / `load_state_dict()` for cross-rank state such as the importance sampler.
 Builders take the RunConfig sections they need and the device; frozen parts (text encoder) stay
 outside the DeepSpeed engine.

@@ -16,6 +16,7 @@ import torch
 from vqd_scale.config import PriorConfig, ShiftedDiffusionConfig, TextEncoderConfig
 from vqd_scale.diffusion.shifted import ShiftedGaussianDiffusion
 from vqd_scale.data.clusters import load_clusters
+from vqd_scale.models.flops import frozen_text_flops, prior_flops
 from vqd_scale.models.prior import PriorModel, resolve_prior_size
 
 
@@ -79,11 +80,11 @@ class PriorTask:
                              "learnable_mixture": shifted_cfg.learnable_mixture}
         self.diffusion = ShiftedGaussianDiffusion(shifted_cfg).to(device)
         size = resolve_prior_size(prior_cfg)
-        seq = prior_cfg.context_len + 5
         self.tokens_per_sample = 1
-        n_params = sum(p.numel() for p in self.module.parameters())
-        # 6·N per token for the matmuls + causal attention (QK and AV: 2·2·S·D per token per layer, halved)
-        self.flops_per_sample = seq * (6 * n_params + 6 * size.layers * seq * size.dim)
+        self.flops = prior_flops(size.layers, size.dim, prior_cfg.context_len, prior_cfg.context_dim,
+                                 prior_cfg.embed_dim, prior_cfg.num_components, prior_cfg.activation_checkpointing,
+                                 frozen_text_flops(self.text))
+        self.flops_per_sample = self.flops.model
 
     def text_inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(context [B,L,W], text embedding [B,E]) from the frozen tower; the batch's text_emb if stored."""

@@ -8,6 +8,7 @@ import torch
 
 from vqd_scale.config import DiscreteDiffusionConfig, TextEncoderConfig, TransformerConfig
 from vqd_scale.diffusion.discrete import ImportanceSampler, MaskAndReplace
+from vqd_scale.models.flops import frozen_text_flops, vqd_flops
 from vqd_scale.models.transformer import VQDiffusionTransformer, resolve_size
 
 
@@ -48,9 +49,9 @@ class VQDTask:
         size = resolve_size(model_cfg)
         n = model_cfg.height * model_cfg.width
         self.tokens_per_sample = n
-        from vqd_scale.train.metrics import flops_per_sample
-        num_params = sum(p.numel() for p in self.module.parameters())
-        self.flops_per_sample = flops_per_sample(num_params, size.layers, size.dim, n, model_cfg.context_len)
+        self.flops = vqd_flops(size.layers, size.dim, size.mlp_ratio, n, model_cfg.context_len, model_cfg.context_dim,
+                               model_cfg.num_classes, model_cfg.activation_checkpointing, frozen_text_flops(self.text))
+        self.flops_per_sample = self.flops.model
 
     def loss(self, module, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         """Σ_t-VLB estimate (nats/token, importance-weighted) + aux loss over batch × tokens, plus metrics."""

@@ -108,23 +108,51 @@ def detect_env(env: Optional[Mapping[str, str]] = None) -> DistEnv:
     return DistEnv(rank, local, world, addr, port, launcher)
 
 
+def gpu_index(local_rank: int, device_count: int) -> int:
+    """The CUDA device (among those visible to this process) that rank `local_rank` of its node drives.
+
+    torchrun and `srun` without GPU binding show every GPU of the node to every task: the rank's own
+    is `local_rank`. `--gpus-per-task=1` / `--gpu-bind` show each task only its own GPU (device 0),
+    while SLURM_LOCALID still counts 0..7 — asking for device `local_rank` would fail on ranks 1..7.
+    """
+    if device_count < 1:
+        raise ValueError("no CUDA device is visible to this process (CUDA_VISIBLE_DEVICES?)")
+    if local_rank < device_count:
+        return local_rank
+    if device_count == 1:
+        return 0
+    raise ValueError(f"local rank {local_rank} but this process sees only {device_count} GPUs: run at most one "
+                     "task per GPU (srun --ntasks-per-node <= GPUs per node, or --gpus-per-task=1)")
+
+
 def device_for(env: DistEnv) -> torch.device:
     """This rank's device: its local GPU when CUDA is available, else the CPU."""
     if torch.cuda.is_available():
-        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(gpu_index(env.local_rank, torch.cuda.device_count()))
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def launch_vars(env: DistEnv, device_count: int) -> dict[str, str]:
+    """The variables torch.distributed's env:// rendezvous and DeepSpeed read.
+
+    DeepSpeed binds `cuda:LOCAL_RANK` (engine, NCCL `device_id`, ZeRO-3 partitioning), so LOCAL_RANK is
+    the index of this rank's GPU among the visible ones (`gpu_index`), not the raw rank on the node.
+    """
+    local = gpu_index(env.local_rank, device_count) if device_count > 0 else env.local_rank
+    return dict(RANK=str(env.rank), LOCAL_RANK=str(local), WORLD_SIZE=str(env.world_size),
+                MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
 
 
 def init_distributed(env: DistEnv) -> None:
     """Start the process group (NCCL on GPU, gloo on CPU) through DeepSpeed, also for one process."""
     import deepspeed
 
+    cuda = torch.cuda.is_available()
     # torch.distributed's env:// rendezvous reads these; export what we derived (e.g. from SLURM).
-    os.environ.update(RANK=str(env.rank), LOCAL_RANK=str(env.local_rank), WORLD_SIZE=str(env.world_size),
-                      MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
+    os.environ.update(launch_vars(env, torch.cuda.device_count() if cuda else 0))
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if cuda else "gloo"
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                    rank=env.rank, world_size=env.world_size, verbose=False)
 

@@ -22,7 +22,7 @@ EMA like ZeRO-3 shards the weights would save 4Ψ on rank 0 but needs a consolid
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -60,6 +60,21 @@ def gathered_chunks(module: nn.Module, chunk_numel: int = 50_000_000) -> Iterato
             chunk, size = [], 0
 
 
+Reader = Callable[[nn.Parameter], torch.Tensor]
+
+
+def _full_weights(module: nn.Module, read: Optional[Reader]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full weight) per parameter: `read(param)` when given (it does its own communication),
+    else the module's parameters themselves (gathered chunk by chunk under ZeRO-3)."""
+    if read is not None:
+        for n, p in module.named_parameters():
+            yield n, read(p)
+        return
+    for chunk in gathered_chunks(module):
+        for n, p in chunk:
+            yield n, p.detach()
+
+
 class EMA:
     """fp32 exponential moving average of a module's parameters, held on rank 0."""
 
@@ -71,23 +86,27 @@ class EMA:
         self.updates = 0
 
     @torch.no_grad()
-    def init_from(self, module: nn.Module) -> None:
-        """Start the average at the current weights (collective under ZeRO-3)."""
+    def init_from(self, module: nn.Module, read: Optional[Reader] = None) -> None:
+        """Start the average at the current weights (collective under ZeRO-3, or with a collective `read`)."""
         shadow = {}
-        for chunk in gathered_chunks(module):
+        for n, w in _full_weights(module, read):
             if self.keep:
-                shadow.update({n: p.detach().float().clone() for n, p in chunk})
+                shadow[n] = w.float().clone()
         self.shadow = shadow if self.keep else None
 
     @torch.no_grad()
-    def maybe_update(self, module: nn.Module, step: int) -> bool:
-        """Fold the weights in when `step % every == 0`; every rank must call this (ZeRO-3 gathers)."""
+    def maybe_update(self, module: nn.Module, step: int, read: Optional[Reader] = None) -> bool:
+        """Fold the weights in when `step % every == 0`; every rank must call this (ZeRO-3 gathers).
+
+        `read(param)` gives the full fp32 master value of a parameter (`engine.fp32_master`): with
+        bf16/fp16 training the module's own weights are rounded copies, and averaging those would
+        lose every update smaller than their last bit.
+        """
         if step % self.every != 0:
             return False
-        for chunk in gathered_chunks(module):
+        for n, w in _full_weights(module, read):
             if self.keep:
-                for n, p in chunk:
-                    self.shadow[n].lerp_(p.detach().float(), 1.0 - self.decay)  # s ← d·s + (1−d)·p
+                self.shadow[n].lerp_(w.float(), 1.0 - self.decay)  # s ← d·s + (1−d)·w
         self.updates += 1
         return True
 

@@ -31,7 +31,7 @@ from vqd_scale.train import distributed as D
 from vqd_scale.train import run_dir as run_dir_io
 from vqd_scale.train.disk_space import SKIP_SPACE_CHECK_ENV, estimate_bytes, space_problem
 from vqd_scale.train.ema import EMA
-from vqd_scale.train.engine import build_engine, resolve_precision
+from vqd_scale.train.engine import build_engine, fp32_master, resolve_precision, set_fp32_master
 from vqd_scale.train.lr_schedule import lr_at, set_lr
 from vqd_scale.train.metrics import MetricsLogger, peak_flops, peak_memory_mb
 from vqd_scale.train.checkpoint import DONE_FILE
@@ -195,11 +195,14 @@ def _build_and_loop(cfg, env, device, task, loader, ckpt: Optional[Path], run_di
                       f"{env.world_size}: loading consolidated weights; optimizer state is REBUILT and the "
                       f"data loader continues after the {trainer_saved['samples_seen']} samples seen (at the "
                       "positions of this world size)", stacklevel=1)
-        _load_module_weights(task.module, ckpt_io.load_weights(ckpt, "model"), str(ckpt))
+        consolidated = ckpt_io.load_weights(ckpt, "model")
+        _load_module_weights(task.module, consolidated, str(ckpt))
     engine, precision = build_engine(task.module, cfg.deepspeed, cfg.optim, cfg.data.batch_size,
                                      env.world_size, device)
+    if trainer_saved is not None and not same_world:
+        set_fp32_master(engine, consolidated)  # 16-bit runs: the master copy was made from rounded weights
     ema = EMA(cfg.optim.ema_decay, cfg.optim.ema_every, keep=env.is_main)
-    ema.init_from(engine.module)
+    ema.init_from(engine.module, fp32_master(engine))
     state = TrainState()
     if trainer_saved is not None:
         state = TrainState(trainer_saved["step"], trainer_saved["samples_seen"])
@@ -220,7 +223,8 @@ def _build_and_loop(cfg, env, device, task, loader, ckpt: Optional[Path], run_di
 
     logger = MetricsLogger(cfg.logging, run_dir, env.is_main, to_dict(cfg), state.step)
     try:
-        return _loop(cfg, env, device, task, engine, ema, loader, state, logger, stop, run_dir, config_yaml, need)
+        return _loop(cfg, env, device, task, engine, ema, loader, state, logger, stop, run_dir, config_yaml, need,
+                     precision)
     finally:
         logger.close()
 
@@ -264,10 +268,12 @@ def _save(cfg, env, engine, ema, task, loader, state, run_dir, config_yaml, need
                                    cfg.checkpoint.keep_last, cfg.checkpoint.milestone_every, need)
 
 
-def _loop(cfg, env, device, task, engine, ema, loader, state, logger, stop, run_dir, config_yaml, need) -> int:
+def _loop(cfg, env, device, task, engine, ema, loader, state, logger, stop, run_dir, config_yaml, need,
+          precision) -> int:
     accum, global_batch = cfg.deepspeed.grad_accum, cfg.data.batch_size * env.world_size
     gen = torch.Generator(device=device)
-    peak = peak_flops(device)
+    peak = peak_flops(device, precision)
+    master = fp32_master(engine)
     it = iter(loader)
     last_save = last_log = time.monotonic()
     acc: dict[str, torch.Tensor] = {}  # running sums of the task's scalar metrics over the log interval
@@ -299,7 +305,7 @@ def _loop(cfg, env, device, task, engine, ema, loader, state, logger, stop, run_
             state.samples_seen += global_batch
         state.step += 1
         clipped += _clipped(engine.get_global_grad_norm(), cfg.optim.grad_clip, device)
-        ema.maybe_update(engine.module, state.step)
+        ema.maybe_update(engine.module, state.step, master)
         # ---- logging ---------------------------------------------------------------------------
         final = state.samples_seen >= cfg.max_samples
         if state.step % cfg.logging.every_steps == 0 or final:
@@ -314,8 +320,9 @@ def _loop(cfg, env, device, task, engine, ema, loader, state, logger, stop, run_
                        "samples_seen": state.samples_seen, "samples_per_s": sps,
                        "tokens_per_s": sps * task.tokens_per_sample, "data_wait": wait / max(now - last_log, 1e-9),
                        "peak_mem_mb": peak_memory_mb(device)}
-            if peak and task.flops_per_sample:
-                metrics["mfu"] = task.flops_per_sample * sps / (peak * env.world_size)
+            if peak:  # model FLOPs (MFU) and with activation-checkpointing recompute (HFU): models/flops.py
+                metrics["mfu"] = task.flops.model * sps / (peak * env.world_size)
+                metrics["hfu"] = task.flops.hardware * sps / (peak * env.world_size)
             logger.log(state.step, metrics)
             acc.clear()
             clipped.zero_()

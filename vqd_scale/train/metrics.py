@@ -1,4 +1,4 @@
-"""Training metrics: JSONL file, wandb (offline by default), and a rank-0 console line; throughput and MFU.
+"""Training metrics: JSONL file, wandb (offline by default), and a rank-0 console line; throughput, MFU/HFU peaks.
 
 wandb is optional telemetry and never the reason a run dies: a failure to start, log or finish
 (no network, a bad WANDB_MODE, its `wandb-core` service killed by the SIGTERM that SLURM sends to every
@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import resource
 import signal
 import sys
@@ -25,23 +26,41 @@ from vqd_scale.config import LoggingConfig
 from vqd_scale.train.checkpoint import METRICS_FILE
 from vqd_scale.train.signals import StopFlag
 
-# Dense bf16 peak FLOP/s per GPU (vendor datasheets), for the MFU estimate.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40": 181e12, "A10": 125e12, "V100": 125e12}
+# Dense (no sparsity) datasheet peaks per GPU in FLOP/s: (16-bit tensor-core bf16/fp16, fp32 without TF32).
+# Matched in order with word boundaries against torch.cuda.get_device_name: "L40S" must not take the L40 row,
+# nor "H100 PCIe" the SXM row ("NVIDIA H100 80GB HBM3"), nor "GH200"/"A10G" the H200/A10 rows.
+PEAK_FLOPS: tuple[tuple[str, Optional[float], Optional[float], float], ...] = (
+    # pattern, bf16, fp16, fp32
+    (r"\bH100\b.*\bPCIe\b", 756e12, 756e12, 51.2e12),
+    (r"\bH100\b.*\bNVL\b", 835e12, 835e12, 60e12),
+    (r"\bH100\b", 989e12, 989e12, 66.9e12),  # SXM5
+    (r"\bH200\b.*\bNVL\b", 835e12, 835e12, 60e12),
+    (r"\bH200\b", 989e12, 989e12, 66.9e12),  # SXM
+    (r"\bGH200\b", 989e12, 989e12, 66.9e12),
+    (r"\bA100\b", 312e12, 312e12, 19.5e12),  # SXM4 and PCIe alike
+    (r"\bL40S\b", 362e12, 362e12, 91.6e12),
+    (r"\bL40\b", 181e12, 181e12, 90.5e12),
+    (r"\bL4\b", 121e12, 121e12, 30.3e12),
+    (r"\bA40\b", 150e12, 150e12, 37.4e12),
+    (r"\bA10\b", 125e12, 125e12, 31.2e12),
+    (r"\bV100\b.*\bPCIe\b", None, 112e12, 14e12),  # no bf16 units
+    (r"\bV100\b", None, 125e12, 15.7e12),  # SXM2
+    (r"\bT4\b", None, 65e12, 8.1e12),
+)
 
 
-def peak_flops(device: torch.device) -> Optional[float]:
-    """Datasheet peak of this GPU, or None (CPU or unknown GPU: MFU is not reported)."""
+def peak_flops_for(name: str, precision: str) -> Optional[float]:
+    """Datasheet peak of a GPU model name at `precision` (bf16 | fp16 | fp32), or None if unknown."""
+    col = {"bf16": 1, "fp16": 2, "fp32": 3}[precision]
+    row = next((r for r in PEAK_FLOPS if re.search(r[0], name, re.IGNORECASE)), None)
+    return None if row is None else row[col]
+
+
+def peak_flops(device: torch.device, precision: str) -> Optional[float]:
+    """Datasheet peak of this GPU at `precision`, or None (CPU or unknown GPU: MFU is not reported)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-
-
-def flops_per_sample(num_params: int, layers: int, dim: int, seq_len: int, context_len: int) -> float:
-    """nanoGPT/PaLM estimate of training FLOPs per sample: 6·N·S for the weights plus attention scores."""
-    # 6 = forward (2) + backward (4) multiply-adds per weight per token; attention adds
-    # 12·L·D·S per token for self-attention (QKᵀ and AV over S keys) and 12·L·D·C for cross-attention.
-    return 6.0 * num_params * seq_len + 12.0 * layers * dim * seq_len * (seq_len + context_len)
+    return peak_flops_for(torch.cuda.get_device_name(device), precision)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -152,7 +171,7 @@ def _held_signals(redeliver: bool) -> Iterator[None]:
 
 
 CONSOLE_KEYS = ("loss", "vlb", "aux", "lr", "grad_norm", "clip_frac", "samples_per_s", "tokens_per_s", "data_wait",
-                "peak_mem_mb", "mfu")
+                "peak_mem_mb", "mfu", "hfu")
 
 
 def read_metrics(run_dir: str | os.PathLike) -> dict[int, dict]:
