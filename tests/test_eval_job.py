@@ -84,7 +84,7 @@ def test_vqd_eval_end_to_end(run_dir):
     res = json.loads((ev / "20.json").read_text())
     m, nm = res["metrics"], res["not_meaningful"]  # the random tiny CLIP's FID / CLIP score are kept apart
     assert res["step"] == 20 and res["samples_seen"] == 320 and res["num_samples"] == N
-    assert set(m) == {"attr_color", "attr_shape", "attr_position", "attr_all"} and set(nm) == {"fid", "clip_score"}
+    assert set(m) == {"attr_color", "attr_shape", "attr_position", "attr_count", "attr_all"} and set(nm) == {"fid", "clip_score"}
     assert set(res["metric_notes"]) == {"fid", "clip_score"} and "random `tiny` CLIP" in res["metric_notes"]["fid"]
     assert np.isfinite(nm["fid"]) and nm["fid"] >= 0 and 0 <= nm["clip_score"] <= 100
     assert all(0 <= m[k] <= 1 for k in ("attr_color", "attr_shape", "attr_position", "attr_all"))

@@ -264,5 +264,6 @@ def test_two_evaluators_get_two_wandb_runs_a_requeued_one_continues_its_own(run_
         Evaluator.close(ev)
     (id1, g1), (id2, g2), (id3, g3) = runs
     assert id1 != id2 and id3 == id1 and g1 == g2 == g3
-    written = {p.name.split("-", 3)[3] for p in (run_dir / "eval" / "wandb").glob("offline-run-*")}
+    # the id from the run file inside each offline-run dir (the dir name gets a "-1" when two share a second)
+    written = {f.name[len("run-"):-len(".wandb")] for f in (run_dir / "eval" / "wandb").glob("offline-run-*/run-*.wandb")}
     assert written == {id1, id2}

@@ -334,9 +334,12 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(0.0 <= s.text_dropout < 1.0, "shifted.text_dropout", "must be in [0, 1)")
     _check(s.mixture_lr_scale > 0, "shifted.mixture_lr_scale", "must be > 0")
     _check(s.num_aux_draws >= 1, "shifted.num_aux_draws", "must be >= 1")
+    _check(s.p2_target in ("x0", "eps"), "shifted.p2_target", f"got {s.p2_target!r}; use 'x0' (as released) or 'eps'")
     _check(s.guidance_scale >= 0, "shifted.guidance_scale", "must be >= 0 (1 = no guidance)")
     p = cfg.prior
     _check(p.num_components >= 1, "prior.num_components", "must be >= 1 (the k of the mixture)")
+    _check(p.embed_scale is None or p.embed_scale > 0, "prior.embed_scale",
+           "must be > 0 (or null for √embed_dim, per-dim RMS 1)")
     _check(p.embed_dim >= 1 and p.context_dim >= 1 and p.context_len >= 1, "prior.embed_dim",
            "embed_dim, context_dim and context_len must be >= 1")
     _check(cfg.eval.sampler.steps >= 1, "eval.sampler.steps", "must be >= 1")
