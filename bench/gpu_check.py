@@ -79,8 +79,8 @@ def sdpa_kernel_check(device: torch.device, head_dims=(64, 88)) -> list[str]:
 def train_step(args) -> dict:
     """(in a subprocess) one rank, ZeRO-2, bf16: samples/s over timed steps, MFU/HFU, peak memory vs planner."""
     import memory
-    from vqd_scale.tasks import build_task
-    from vqd_scale.train import distributed as D
+    from vqd_scale.families import build_task
+    from vqd_scale import distributed as D
     from vqd_scale.train.engine import build_engine
     from vqd_scale.train.metrics import peak_flops
     from vqd_scale.train.plan import memory_per_rank

@@ -31,7 +31,8 @@ MiB = 2**20
 def run_config(size: str, layers, dim, heads, side: int, classes: int, batch: int, stage: int, precision: str,
                ckpt: bool, bucket: int, accum: int = 1, text: str = "tiny"):
     """A validated RunConfig for one measured configuration (random tokens, tiny or real text tower)."""
-    from vqd_scale.config import DeepSpeedConfig, RunConfig, TextEncoderConfig, TransformerConfig, validate
+    from vqd_scale.config import DeepSpeedConfig, TextEncoderConfig, TransformerConfig
+    from vqd_scale.families import RunConfig, validate
     text_cfg = TextEncoderConfig(model=text) if text != "tiny" else TextEncoderConfig(model="tiny", tiny_width=64)
     width = 64 if text == "tiny" else 512
     cfg = RunConfig(model=TransformerConfig(size=size, layers=layers, dim=dim, heads=heads, num_classes=classes,
@@ -82,7 +83,7 @@ def fake_batch(cfg, gen: torch.Generator) -> dict:
 
 def measure_step(cfg, env, device) -> dict:
     """{base, peak, precision}: bytes on this rank before and at the peak of one steady-state training step."""
-    from vqd_scale.tasks import build_task
+    from vqd_scale.families import build_task
     from vqd_scale.train.engine import build_engine
 
     gc.collect()
@@ -124,7 +125,7 @@ def predicted(cfg, world: int, precision: str, device_type: str) -> float:
 
 def worker(configs: list[dict]) -> None:
     """One rank: measure every configuration in turn; rank 0 prints one RESULT line per configuration."""
-    from vqd_scale.train import distributed as D
+    from vqd_scale import distributed as D
     env = D.detect_env()
     D.init_distributed(env)
     device = D.device_for(env)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from vqd_scale.config import PriorConfig, ShiftedDiffusionConfig
 from vqd_scale.data.clusters import fit_clusters, text_routed_stats
 from vqd_scale.diffusion.shifted import ShiftedGaussianDiffusion
-from vqd_scale.tasks.prior import TrainablePrior, sample_embeddings
+from vqd_scale.families.prior.task import TrainablePrior, sample_embeddings
 
 E, CONCEPTS, DETAIL = 64, 16, 8
 # squared shares of each part in the unnormalised embeddings (they are orthogonal, so the shares are the

@@ -36,7 +36,7 @@ SIZES = {
 
 
 def run_config(size: str, batch: int, stage: int, bucket: int = 50_000_000):
-    from vqd_scale.config import RunConfig, validate
+    from vqd_scale.families import RunConfig, validate
     from vqd_scale.config import DeepSpeedConfig, TextEncoderConfig, TransformerConfig
     mo, te, side, K = SIZES[size]
     cfg = RunConfig(model=TransformerConfig(num_classes=K, height=side, width=side, **mo),
@@ -71,8 +71,8 @@ def live_tensor_bytes() -> int:
 
 def speed(sizes: list[str], steps: int, batch: int) -> list[dict]:
     """samples/s of a plain torch AdamW loop vs the DeepSpeed engine (ZeRO 2, one process), same task."""
-    from vqd_scale.tasks import build_task
-    from vqd_scale.train import distributed as D
+    from vqd_scale.families import build_task
+    from vqd_scale import distributed as D
     from vqd_scale.train.engine import build_engine
 
     D.init_distributed(D.detect_env())
@@ -120,8 +120,8 @@ def speed(sizes: list[str], steps: int, batch: int) -> list[dict]:
 
 def memory_worker(size: str, stage: int, batch: int, bucket: int) -> None:
     """One rank: tensor bytes held after two ZeRO-`stage` steps, gathered to rank 0 and printed."""
-    from vqd_scale.tasks import build_task
-    from vqd_scale.train import distributed as D
+    from vqd_scale.families import build_task
+    from vqd_scale import distributed as D
     from vqd_scale.train.engine import build_engine
 
     env = D.detect_env()

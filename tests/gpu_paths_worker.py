@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 
 from vqd_scale.config import DeepSpeedConfig, OptimConfig, TransformerConfig
-from vqd_scale.tasks.vqd import TrainableVQD
-from vqd_scale.train import distributed as D
+from vqd_scale.families.vqd.task import TrainableVQD
+from vqd_scale import distributed as D
 from vqd_scale.train.ema import EMA
 from vqd_scale.train.engine import build_engine, fp32_master, set_fp32_master
 

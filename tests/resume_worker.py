@@ -21,8 +21,8 @@ import warnings
 
 import torch
 
-from vqd_scale.config import load_config
-from vqd_scale.train import distributed as D
+from vqd_scale.families import load_config
+from vqd_scale import distributed as D
 from vqd_scale.train import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

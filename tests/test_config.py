@@ -1,7 +1,8 @@
 """Config parsing, overrides and validation messages."""
 import pytest
 
-from vqd_scale.config import ConfigError, load_config
+from vqd_scale.config import ConfigError
+from vqd_scale.families import load_config
 
 
 def test_override_applies():

@@ -5,9 +5,10 @@ import typing
 
 import pytest
 
-from vqd_scale.config import ConfigError, RunConfig, load_config
+from vqd_scale.config import ConfigError
 
 # Fields where 0 is a documented value (off / none / from the manifest / the first seed / ZeRO stage 0).
+from vqd_scale.families import RunConfig, load_config
 ZERO_OK = {
     "seed", "data.seed", "eval.seed", "model.num_classes", "model.dropout", "diffusion.aux_weight",
     "diffusion.gamma_cum_start", "diffusion.importance_min_count", "diffusion.importance_ema", "diffusion.caption_dropout", "data.num_workers",

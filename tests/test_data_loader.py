@@ -41,7 +41,7 @@ def same(a, b):
 
 
 def test_batch_contract(shards):
-    b = take(TokenLoader(cfg_for(shards, with_embeddings=True), caption_dropout=0.5), 1)[0]
+    b = take(TokenLoader(cfg_for(shards, with_embeddings=True), dropout={"text": 0.5}), 1)[0]
     assert b["image_tokens"].dtype == torch.int64 and b["image_tokens"].shape == (4, *SHAPE)
     assert b["text_tokens"].dtype == torch.int64 and b["text_tokens"].shape == (4, 77)
     assert b["drop_text"].dtype == torch.bool and b["drop_text"].shape == (4,)
@@ -59,12 +59,12 @@ def test_resume_two_ranks_two_workers_is_exact(shards):
     cfg = cfg_for(shards, num_workers=2, sources=[SourceConfig("a", str(shards / "a" / "a{00000..00005}.tar"), 2.0),
                                                   SourceConfig("b", str(shards / "b" / "b{00000..00002}.tar"), 1.0)])
     for rank in range(2):
-        full = take(TokenLoader(cfg, rank, 2, caption_dropout=0.3), 150)
-        first = TokenLoader(cfg, rank, 2, caption_dropout=0.3)
+        full = take(TokenLoader(cfg, rank, 2, dropout={"text": 0.3}), 150)
+        first = TokenLoader(cfg, rank, 2, dropout={"text": 0.3})
         it = iter(first)
         head = [next(it) for _ in range(51)]  # 51: resume from a position that is not a multiple of the workers
         state = json.loads(json.dumps(first.state_dict()))  # must survive serialisation
-        resumed = TokenLoader(cfg, rank, 2, caption_dropout=0.3)
+        resumed = TokenLoader(cfg, rank, 2, dropout={"text": 0.3})
         resumed.load_state_dict(state)
         tail = take(resumed, 99)
         assert all(same(a, b) for a, b in zip(head, full[:51]))
@@ -98,7 +98,7 @@ def test_mixing_weights(shards):
 
 
 def test_caption_dropout_rate_and_seed(shards):
-    drops = torch.cat([b["drop_text"] for b in take(TokenLoader(cfg_for(shards, batch_size=50), caption_dropout=0.2), 20)])
+    drops = torch.cat([b["drop_text"] for b in take(TokenLoader(cfg_for(shards, batch_size=50), dropout={"text": 0.2}), 20)])
     assert abs(drops.float().mean().item() - 0.2) < 0.05
     none = torch.cat([b["drop_text"] for b in take(TokenLoader(cfg_for(shards)), 5)])
     assert not none.any()

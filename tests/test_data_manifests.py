@@ -1,9 +1,11 @@
 """Training takes K and the token grid from the manifest beside each source's shards (data.manifest optional)."""
 import pytest
 
-from vqd_scale.config import load_config
+from vqd_scale.families import load_config
 from vqd_scale.data.random_shards import write_random_token_shards
-from vqd_scale.train.loop import resolve_data_dependent
+from vqd_scale.families import get
+
+resolve_data_dependent = get("vqd").resolve  # the family's data-dependent settings, as vqd-train applies them
 
 BASE = ["task=vqd", "model.size=debug", "model.num_classes=0", "model.height=4", "model.width=4"]
 

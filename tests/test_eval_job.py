@@ -10,13 +10,15 @@ from safetensors.torch import load_file, save_file
 
 from eval_ranks import run_eval_ranks
 from vqd_scale.cli import eval as cli
-from vqd_scale.config import load_config, save_config
+from vqd_scale.config import save_config
+from vqd_scale.families import load_config
 from vqd_scale.data import schema
 from vqd_scale.data.synthetic import caption_of, sample_scene, synthetic_images
 from vqd_scale.eval import metrics as M
 from vqd_scale.eval.heldout import read_heldout
-from vqd_scale.tasks import build_task
-from vqd_scale.train.checkpoint import load_weights
+from vqd_scale.families import build_task
+from vqd_scale.models.vqvae import ImageTokenizer
+from vqd_scale.rundir import load_weights
 
 N, RES = 6, 16
 OVERRIDES = ["task=vqd", "text.model=tiny", "text.tiny_width=32", "text.tiny_layers=1", "model.size=debug",
@@ -88,16 +90,21 @@ def test_vqd_eval_end_to_end(run_dir):
     assert set(res["metric_notes"]) == {"fid", "clip_score"} and "random `tiny` CLIP" in res["metric_notes"]["fid"]
     assert np.isfinite(nm["fid"]) and nm["fid"] >= 0 and 0 <= nm["clip_score"] <= 100
     assert all(0 <= m[k] <= 1 for k in ("attr_color", "attr_shape", "attr_position", "attr_all"))
-    # Grid: 4 samples of 16 px in a 2×2 grid with 2 px gutters → 38×38 RGB.
-    png = np.asarray(Image.open(ev / "20.png"))
-    assert png.shape == (38, 38, 3) and png[2:18, 2:18].std() > 0
+    # Grid: 4 samples of 16 px upscaled 8× in a 2×2 grid, each with its held-out image beside it (after an
+    # 8 px gutter) and its caption under it, 4 px gutters: 2·(128+8+128+4)+4 = 540 wide.
+    png = np.asarray(Image.open(ev / "20.png")).astype(int)
+    assert png.shape[1] == 540 and png[4:132, 4:132].std() > 0
+    held = read_heldout(load_config(run_dir / "config.yaml").eval.shards, N)
+    ref = ImageTokenizer.load(run_dir.parent / "tokenizer").decode(held.image_tokens[:1])  # the first caption's image
+    ref = ((ref[0].permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255)
+    assert np.abs(png[4:132:8, 140:268:8] - ref).max() <= 1  # beside sample 0: its held-out image (nearest ×8)
+    assert (png[133:145, 4:268] < 64).all(-1).sum() > 30  # dark caption text under the first cell
     assert Image.open(ev / "curves.png").size[0] > 100
     assert list((ev / "wandb").glob("offline-run-*")), "wandb offline run not written"
     assert not list(ev.glob("*.lock"))
 
     # Independent recomputation of step 20's FID and CLIP score from the public pieces.
     from vqd_scale.generate import generate
-    from vqd_scale.models.vqvae import ImageTokenizer
     cfg = load_config(run_dir / "config.yaml")
     task = build_task(cfg, torch.device("cpu"))
     task.module.load_state_dict(load_weights(run_dir / "checkpoints/step_00000020"))
@@ -236,7 +243,7 @@ def test_two_ranks_give_the_single_process_numbers(run_dir, tmp_path):
 
 
 def test_more_ranks_than_batches_is_refused(run_dir):
-    from vqd_scale.eval.job import Evaluator, Ranks
+    from vqd_scale.eval.job import EvalJob, Ranks
     cfg = load_config(run_dir / "config.yaml")  # 6 samples in batches of 4: two batches
     with pytest.raises(ValueError, match="2 batches for 4 ranks"):
-        Evaluator(cfg, run_dir, Ranks(rank=0, world=4))
+        EvalJob(cfg, run_dir, Ranks(rank=0, world=4))

@@ -9,11 +9,13 @@ from safetensors.torch import save_file
 
 from eval_ranks import run_eval_ranks
 from vqd_scale.cli import eval as cli
-from vqd_scale.config import load_config, save_config
+from vqd_scale.config import save_config
+from vqd_scale.families import load_config
 from vqd_scale.data import schema
 from vqd_scale.data.clusters import save_clusters
 from vqd_scale.eval import job
-from vqd_scale.tasks import build_task
+from vqd_scale.families.prior import evaluate as prior_eval
+from vqd_scale.families import build_task
 
 N, E = 7, 32
 
@@ -50,7 +52,7 @@ def _prior_run(tmp_path, n=N):
 
 def test_prior_run_evaluated_with_chunk_weighted_cosines(tmp_path, monkeypatch):
     run, cfg, tokens, img_emb = _prior_run(tmp_path)
-    monkeypatch.setattr(job, "PRIOR_BATCH", 3)  # chunks of 3 and 4 (a last chunk of 1 joins the previous)
+    monkeypatch.setattr(prior_eval, "PRIOR_BATCH", 3)  # chunks of 3 and 4 (a last chunk of 1 joins the previous)
     assert cli.main([str(run), "--once"]) == 0
     m = json.loads((run / "eval" / "5.json").read_text())["metrics"]
     for steps in (2, 5):
@@ -119,7 +121,7 @@ def test_heldout_embeddings_of_another_clip_are_refused(tmp_path):
 def test_prior_two_ranks_give_the_single_process_numbers_exactly(tmp_path):
     """3 chunks over 2 gloo ranks (rank 0: chunks 0 and 2): combined in chunk order, bit for bit as 1 process."""
     import shutil
-    run, _, _, _ = _prior_run(tmp_path, n=2 * job.PRIOR_BATCH + 40)
+    run, _, _, _ = _prior_run(tmp_path, n=2 * prior_eval.PRIOR_BATCH + 40)
     two = tmp_path / "two"
     shutil.copytree(run, two)
     assert cli.main([str(run), "--once"]) == 0

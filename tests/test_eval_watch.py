@@ -10,10 +10,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from vqd_scale.config import RunConfig, TransformerConfig, save_config
+from vqd_scale.config import TransformerConfig, save_config
+from vqd_scale.families import RunConfig
 from vqd_scale.eval import watch as W
 from vqd_scale.models.transformer import VQDiffusionTransformer
-from vqd_scale.train.checkpoint import load_weights
+from vqd_scale.rundir import load_weights
 
 MODEL_CFG = TransformerConfig(size="debug", num_classes=16, height=4, width=4, context_dim=32, layers=1)
 
@@ -251,7 +252,7 @@ def test_two_evaluators_get_two_wandb_runs_a_requeued_one_continues_its_own(run_
     """Two watchers of one run wrote two offline wandb runs with the same id (syncing them loses one's
     history): one run per evaluator job, one group per run directory, same run after a requeue."""
     import types
-    from vqd_scale.eval.job import Evaluator
+    from vqd_scale.eval.job import EvalJob
     monkeypatch.setenv("WANDB_MODE", "offline")
     (run_dir / "eval").mkdir()
     runs = []
@@ -259,9 +260,9 @@ def test_two_evaluators_get_two_wandb_runs_a_requeued_one_continues_its_own(run_
         monkeypatch.setenv("SLURM_JOB_ID", job)
         monkeypatch.setenv("SLURM_RESTART_COUNT", restart)
         ev = types.SimpleNamespace(cfg=RunConfig(max_samples=1000), run_dir=run_dir, _wandb=None)
-        Evaluator._log_wandb(ev, 100, {"metrics": {"fid": 1.0}}, None)  # the real method, on a stand-in self
+        EvalJob._log_wandb(ev, 100, {"metrics": {"fid": 1.0}}, None)  # the real method, on a stand-in self
         runs.append((ev._wandb.id, ev._wandb.group))
-        Evaluator.close(ev)
+        EvalJob.close(ev)
     (id1, g1), (id2, g2), (id3, g3) = runs
     assert id1 != id2 and id3 == id1 and g1 == g2 == g3
     # the id from the run file inside each offline-run dir (the dir name gets a "-1" when two share a second)

@@ -88,7 +88,7 @@ def test_import_back_is_identity(exported):
 def _save_text_tower(exported, run_dir):
     """What training writes next to config.yaml when text.pretrained is unset."""
     from safetensors.torch import save_file
-    from vqd_scale.train.checkpoint import TEXT_FILE
+    from vqd_scale.rundir import TEXT_FILE
     save_file({k: v.contiguous() for k, v in exported["text"].state_dict().items()}, str(run_dir / TEXT_FILE))
     return run_dir / TEXT_FILE
 
@@ -98,7 +98,8 @@ def test_cli_round_trip(exported, tmp_path, capsys):
     from omegaconf import OmegaConf
     from safetensors.torch import load_file
     from vqd_scale.cli.export import main
-    from vqd_scale.config import RunConfig, save_config
+    from vqd_scale.config import save_config
+    from vqd_scale.families import RunConfig
     w = tmp_path / "w.safetensors"
     assert main(["import", str(exported["out"]), "--out", str(w)]) == 0
     sd = load_file(str(w))
@@ -127,7 +128,8 @@ def test_sample_cli_writes_pngs(exported, tmp_path):
     from PIL import Image
     from safetensors.torch import save_file
     from vqd_scale.cli.sample import main
-    from vqd_scale.config import RunConfig, save_config
+    from vqd_scale.config import save_config
+    from vqd_scale.families import RunConfig
     run = RunConfig()
     run.model, run.text, run.diffusion = exported["model"].cfg, exported["text"].cfg, exported["dcfg"]
     run.eval.sampler.steps = T

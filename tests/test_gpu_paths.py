@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vqd_scale.config import (DeepSpeedConfig, DiscreteDiffusionConfig, OptimConfig, PriorConfig,
                               ShiftedDiffusionConfig, TextEncoderConfig, TransformerConfig)
-from vqd_scale.train.distributed import DistEnv, gpu_index, launch_vars
+from vqd_scale.distributed import DistEnv, gpu_index, launch_vars
 from vqd_scale.train.engine import choose_precision, ds_config
 from vqd_scale.models.flops import prior_flops, text_tower_flops, vqd_flops
 from vqd_scale.train.metrics import peak_flops_for
@@ -52,7 +52,7 @@ def _counted(fn) -> int:
 
 @pytest.mark.parametrize("ckpt", [False, True])
 def test_vqd_flops_equal_flop_counter(ckpt):
-    from vqd_scale.tasks.vqd import TrainableVQD
+    from vqd_scale.families.vqd.task import TrainableVQD
     cfg = TransformerConfig(size="debug", num_classes=50, height=4, width=6, context_dim=48, context_len=7,
                             num_timesteps=10, layers=2, dim=32, heads=4, mlp_ratio=3.0, activation_checkpointing=ckpt)
     m = TrainableVQD(cfg).train()
@@ -70,7 +70,7 @@ def test_vqd_flops_equal_flop_counter(ckpt):
 
 @pytest.mark.parametrize("ckpt", [False, True])
 def test_prior_flops_equal_flop_counter(ckpt):
-    from vqd_scale.tasks.prior import TrainablePrior
+    from vqd_scale.families.prior.task import TrainablePrior
     pc = PriorConfig(size="debug", embed_dim=24, context_dim=40, context_len=9, layers=2, dim=32, heads=4,
                      num_components=3, activation_checkpointing=ckpt)
     m = TrainablePrior(pc, ShiftedDiffusionConfig(num_timesteps=50, shifted=False)).train()

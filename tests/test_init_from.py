@@ -18,7 +18,7 @@ from vqd_scale.data.random_shards import write_random_token_shards
 from vqd_scale.interop.diffusers import split_null, to_diffusers
 from vqd_scale.models.transformer import VQDiffusionTransformer
 from vqd_scale.train import checkpoint as C
-from vqd_scale.train.distributed import DEFAULT_PORT
+from vqd_scale.distributed import DEFAULT_PORT
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]

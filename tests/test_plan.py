@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from vqd_scale.config import TransformerConfig, load_config
+from vqd_scale.config import TransformerConfig
+from vqd_scale.families import load_config
 from vqd_scale.train.plan import plan, step_bytes, traced_step_bytes, warnings_for
 
 REPO = Path(__file__).resolve().parents[1]

@@ -80,9 +80,9 @@ def test_tiny_prior_trains_and_evaluates(tmp_path):
     assert [s for s, _ in C.list_complete(run)] == [6, 12]
     # the model evaluated from the run's config carries the fitted mixture (not zeros / unit stds)
     import torch
-    from vqd_scale.config import load_config
+    from vqd_scale.families import load_config
     from vqd_scale.data.clusters import load_clusters
-    from vqd_scale.tasks import build_task
+    from vqd_scale.families import build_task
     ema = C.load_weights(run / "checkpoints" / "step_00000012", "ema")
     module = build_task(load_config(run / "config.yaml"), torch.device("cpu")).module
     module.load_state_dict(ema)  # strict: the mixture is part of the EMA weights

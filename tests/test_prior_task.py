@@ -5,9 +5,9 @@ import torch.nn.functional as F
 
 from vqd_scale.config import PriorConfig, ShiftedDiffusionConfig, TextEncoderConfig
 from vqd_scale.data.clusters import save_clusters
-from vqd_scale.eval.prior_metrics import prior_metrics, prior_metrics_from_batch
+from vqd_scale.families.prior.metrics import prior_metrics, prior_metrics_from_batch
 from vqd_scale.models.prior import PriorModel
-from vqd_scale.tasks.prior import PriorTask, sample_embeddings
+from vqd_scale.families.prior.task import PriorTask, sample_embeddings
 
 TEXT = TextEncoderConfig(model="tiny")
 E, W = TEXT.tiny_embed_dim, TEXT.tiny_width

@@ -110,7 +110,7 @@ def test_zero2_two_ranks_learns_and_writes_run_dir(zero2_run):
     assert info["world_size"] == 2 and info["samples_seen"] == 12 * BATCH * 2
     ema, raw = (C.load_weights(zero2_run / "checkpoints" / "step_00000012", w) for w in ("ema", "model"))
     assert ema.keys() == raw.keys() and any(not torch.equal(ema[k], raw[k]) for k in ema)
-    from vqd_scale.config import load_config
+    from vqd_scale.families import load_config
     from vqd_scale.models.transformer import VQDiffusionTransformer
     cfg = load_config(zero2_run / "config.yaml")
     assert cfg.model.num_classes > 0  # resolved from the manifest and saved
@@ -263,7 +263,7 @@ def test_auto_resume_sets_aside_every_newer_damaged_checkpoint(zero2_run, tmp_pa
     from types import SimpleNamespace
 
     from vqd_scale.train import run_dir as R
-    from vqd_scale.train.distributed import DistEnv
+    from vqd_scale.distributed import DistEnv
     run = tmp_path / "run"
     shutil.copytree(zero2_run, run)
     new = run / "checkpoints" / "step_00000012"

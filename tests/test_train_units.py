@@ -13,7 +13,7 @@ from torch import nn
 
 from vqd_scale.config import DeepSpeedConfig, OptimConfig
 from vqd_scale.train import checkpoint as C
-from vqd_scale.train.distributed import DEFAULT_PORT, detect_env, slurm_job_port
+from vqd_scale.distributed import DEFAULT_PORT, detect_env, slurm_job_port
 from vqd_scale.train.ema import EMA
 from vqd_scale.train.engine import ds_config, param_groups, resolve_precision
 from vqd_scale.train.lr_schedule import lr_at

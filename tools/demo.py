@@ -83,10 +83,10 @@ def train(data: Path, run_dir: Path, max_samples: int, overrides: list[str] = ()
 def load_run(run_dir: Path):
     """(cfg, EMA model, text tower, diffusion, step) of the newest complete checkpoint of a run."""
     from vqd_scale.cli import text_encoder_for
-    from vqd_scale.config import load_config
+    from vqd_scale.families import load_config
     from vqd_scale.diffusion.discrete import MaskAndReplace
     from vqd_scale.models.transformer import VQDiffusionTransformer
-    from vqd_scale.train.checkpoint import list_complete, load_weights
+    from vqd_scale.rundir import list_complete, load_weights
 
     cfg = load_config(run_dir / "config.yaml")
     step, ckpt = list_complete(run_dir)[-1]

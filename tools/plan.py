@@ -15,11 +15,12 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
+from vqd_scale.errors import UserError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from vqd_scale.config import ConfigError, load_config  # noqa: E402
+from vqd_scale.families import load_config
 from vqd_scale.train.plan import GiB, largest_batch, plan, warnings_for  # noqa: E402
 
 DEFAULT_CONFIG = REPO / "configs" / "laion_vqd_b.yaml"
@@ -106,7 +107,7 @@ def main(argv=None) -> int:
         ap.error("--util must be in (0, 1]")
     try:
         results = rows(args)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except UserError as e:
         print(f"plan: {e}", file=sys.stderr)
         return 2
     print(render(results, args))

@@ -18,6 +18,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from vqd_scale.errors import UserError
 
 
 def main(argv=None) -> int:
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
         tok.token_shape(a.resolution)  # a resolution the model cannot split fails before any image is read
         images = shard_images(a.shards, a.resolution, not a.no_center_crop, a.min_image_size, a.max_images)
         report = fit_pruning(tok, images, a.heldout, a.min_count, a.batch_size)
-    except (ValueError, FileNotFoundError) as e:
+    except UserError as e:
         print(f"prepare_tokenizer: {e}", file=sys.stderr)
         return 2
     tok.resolution = a.resolution

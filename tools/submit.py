@@ -23,12 +23,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from vqd_scale.errors import UserError  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from vqd_scale.config import ConfigError  # noqa: E402
-from vqd_scale.launch.jobargs import load_config_checked  # noqa: E402
-from vqd_scale.launch.submit import (Resources, SubmitError, submit_eval, submit_extract,  # noqa: E402
+from vqd_scale.families import load_config  # noqa: E402
+from vqd_scale.launch.submit import (Resources, submit_eval, submit_extract,  # noqa: E402
                                      submit_train)
 
 
@@ -78,14 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     try:
         return _submit(a)
-    except (ConfigError, SubmitError) as e:  # user errors: one line; anything else is a bug and keeps its traceback
+    except UserError as e:  # user errors: one line; anything else is a bug and keeps its traceback
         ap.exit(2, f"submit.py: error: {' '.join(str(e).split())}\n")
 
 
 def _submit(a: argparse.Namespace) -> int:
     res = _resources(a)
     if a.what == "train":
-        cfg = load_config_checked(a.config, a.overrides)  # refuse a bad config before anything is queued
+        cfg = load_config(a.config, a.overrides)  # refuse a bad config before anything is queued
         job, info = submit_train(a.config, a.overrides, a.folder, a.cluster, res, a.python, run_dir=cfg.run_dir)
         print(info.line(), flush=True)
         print(f"train: run_dir {cfg.run_dir}", flush=True)

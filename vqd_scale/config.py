@@ -14,9 +14,7 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key and says what to fix."""
+from vqd_scale.errors import ConfigError  # noqa: F401  (re-exported: the config layer's error)
 
 
 @dataclass
@@ -217,17 +215,14 @@ class LoggingConfig:
 
 
 @dataclass
-class RunConfig:
-    """Everything one run needs; each component still gets only its own section."""
-    task: str = "vqd"  # vqd | prior
+class RunConfigBase:
+    """The sections every run has; `families/__init__.py` adds each model family's own sections (`model`,
+    `diffusion`, `prior`, …) to make `RunConfig`. Each component still gets only its own section."""
+    task: str = "vqd"  # the model family: vqd_scale.families.FAMILIES
     run_dir: str = "runs/tiny"
     seed: int = 0
     max_samples: int = 100000
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
-    model: TransformerConfig = field(default_factory=TransformerConfig)
-    diffusion: DiscreteDiffusionConfig = field(default_factory=DiscreteDiffusionConfig)
-    prior: PriorConfig = field(default_factory=PriorConfig)
-    shifted: ShiftedDiffusionConfig = field(default_factory=ShiftedDiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -236,16 +231,26 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-def _check(ok: bool, key: str, msg: str) -> None:
+def run_config_class(sections: dict[str, type]) -> type:
+    """A RunConfig dataclass: the common sections plus `sections` (name → config dataclass), each defaulted."""
+    common = {f.name for f in dataclasses.fields(RunConfigBase)}
+    clash = sorted(common & set(sections))
+    if clash:
+        raise ValueError(f"family config sections {clash} collide with the common ones")
+    return dataclasses.make_dataclass(
+        "RunConfig", [(name, typ, field(default_factory=typ)) for name, typ in sections.items()],
+        bases=(RunConfigBase,), namespace={"__doc__": RunConfigBase.__doc__})
+
+
+def check(ok: bool, key: str, msg: str) -> None:
+    """Raise ConfigError naming `key` unless `ok` (for the validators here and in each family)."""
     if not ok:
         raise ConfigError(f"config key '{key}': {msg}")
 
 
-def validate(cfg: RunConfig) -> RunConfig:
-    """Refuse values that cannot work, naming the key; returns cfg for chaining."""
-    from vqd_scale.diffusion.presets import SCHEDULE_PRESETS  # local: keep config import-light
-
-    _check(cfg.task in ("vqd", "prior"), "task", f"got {cfg.task!r}; use 'vqd' or 'prior'")
+def validate_common(cfg: RunConfigBase) -> None:
+    """Refuse values of the common sections that cannot work, naming the key (families check their own)."""
+    _check = check
     _check(cfg.max_samples > 0, "max_samples", "must be > 0")
     for key, seed in (("seed", cfg.seed), ("data.seed", cfg.data.seed), ("eval.seed", cfg.eval.seed)):
         _check(seed >= 0, key, f"got {seed}; seeds must be >= 0")
@@ -254,41 +259,11 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(cfg.checkpoint.every_minutes > 0, "checkpoint.every_minutes",
            "must be > 0 (a large value turns time-based checkpoints off)")
     _check(cfg.checkpoint.milestone_every >= 0, "checkpoint.milestone_every", "must be >= 0 (0 = no milestones)")
-    for key, v in (("model.layers", cfg.model.layers), ("model.dim", cfg.model.dim), ("model.heads", cfg.model.heads),
-                   ("prior.layers", cfg.prior.layers), ("prior.dim", cfg.prior.dim), ("prior.heads", cfg.prior.heads),
-                   ("text.tiny_width", cfg.text.tiny_width), ("text.tiny_layers", cfg.text.tiny_layers),
+    for key, v in (("text.tiny_width", cfg.text.tiny_width), ("text.tiny_layers", cfg.text.tiny_layers),
                    ("text.tiny_heads", cfg.text.tiny_heads), ("text.tiny_embed_dim", cfg.text.tiny_embed_dim)):
         _check(v is None or v >= 1, key, f"got {v}; must be >= 1 (or unset for the size's value)")
-    d = cfg.diffusion
-    _check(d.preset in (*SCHEDULE_PRESETS, "custom"), "diffusion.preset",
-           f"got {d.preset!r}; use one of {sorted(SCHEDULE_PRESETS)} or 'custom' with all four endpoints")
-    for k in ("alpha_cum_start", "alpha_cum_end", "gamma_cum_start", "gamma_cum_end"):
-        v = getattr(d, k)
-        _check(v is None or 0.0 <= v <= 1.0, f"diffusion.{k}", f"got {v}; must be in [0, 1]")
-    _check(0.0 <= d.caption_dropout < 1.0, "diffusion.caption_dropout", "must be in [0, 1)")
-    _check(d.num_timesteps >= 2, "diffusion.num_timesteps", "must be >= 2")
-    if d.preset in (*SCHEDULE_PRESETS, "custom"):
-        from vqd_scale.diffusion.presets import resolve_endpoints
-        try:
-            resolve_endpoints(d.preset, d.alpha_cum_start, d.alpha_cum_end, d.gamma_cum_start, d.gamma_cum_end)
-        except ValueError as e:
-            raise ConfigError(f"config key 'diffusion.preset': {e}") from None
-    _check(d.aux_weight >= 0, "diffusion.aux_weight", "must be >= 0")
-    _check(d.importance_min_count >= 0, "diffusion.importance_min_count", "must be >= 0")
-    _check(0.0 <= d.importance_ema < 1.0, "diffusion.importance_ema", "must be in [0, 1)")
-    m = cfg.model
-    _check(m.size in ("debug", "S", "B", "L"), "model.size", f"got {m.size!r}; use debug, S, B or L")
-    _check(m.num_classes >= 0, "model.num_classes", "must be >= 0 (0 = take K from the token manifest)")
-    _check(m.height >= 1 and m.width >= 1, "model.height", "height and width (token grid) must be >= 1")
-    _check(m.mlp_ratio is None or m.mlp_ratio > 0, "model.mlp_ratio", "must be > 0 (or null for the size's)")
-    _check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
-    _check(m.context_len >= 1 and m.context_dim >= 1, "model.context_dim", "context_dim/context_len must be >= 1")
-    _check(cfg.text.context_length == m.context_len, "text.context_length",
-           f"must equal model.context_len ({m.context_len}): every text token feature is a context row")
     _check(cfg.text.model == "tiny" or not (cfg.text.pretrained or "").startswith(("hf-hub:", "http")),
            "text.pretrained", "must be a local file or 'local-dir:PATH', never a hub tag or URL")
-    _check(cfg.model.num_timesteps == d.num_timesteps, "model.num_timesteps",
-           f"must equal diffusion.num_timesteps ({d.num_timesteps})")
     _check(cfg.data.batch_size > 0, "data.batch_size", "must be > 0")
     _check(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     _check(cfg.data.epoch_samples > 0, "data.epoch_samples", "must be > 0")
@@ -323,28 +298,12 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(cfg.checkpoint.every_steps >= 1, "checkpoint.every_steps", "must be >= 1")
     _check(cfg.logging.wandb_mode in ("offline", "online", "disabled"), "logging.wandb_mode",
            "use offline, online or disabled")
-    s = cfg.shifted
-    _check(0.0 < s.beta_start < s.beta_end < 1.0, "shifted.beta_start", "need 0 < beta_start < beta_end < 1")
-    _check(s.kappa > 0, "shifted.kappa", "must be > 0")
-    _check(s.num_timesteps >= 2, "shifted.num_timesteps", "must be >= 2")
-    _check(1 <= s.sample_steps <= s.num_timesteps, "shifted.sample_steps",
-           f"got {s.sample_steps}; must be in [1, shifted.num_timesteps={s.num_timesteps}]")
-    _check(s.sample_variance in ("large", "small"), "shifted.sample_variance",
-           f"got {s.sample_variance!r}; use 'large' (β_t Σ, released) or 'small' (posterior β̃_t Σ)")
-    _check(0.0 <= s.text_dropout < 1.0, "shifted.text_dropout", "must be in [0, 1)")
-    _check(s.mixture_lr_scale > 0, "shifted.mixture_lr_scale", "must be > 0")
-    _check(s.num_aux_draws >= 1, "shifted.num_aux_draws", "must be >= 1")
-    _check(s.p2_target in ("x0", "eps"), "shifted.p2_target", f"got {s.p2_target!r}; use 'x0' (as released) or 'eps'")
-    _check(s.guidance_scale >= 0, "shifted.guidance_scale", "must be >= 0 (1 = no guidance)")
-    p = cfg.prior
-    _check(p.num_components >= 1, "prior.num_components", "must be >= 1 (the k of the mixture)")
-    _check(p.embed_scale is None or p.embed_scale > 0, "prior.embed_scale",
-           "must be > 0 (or null for √embed_dim, per-dim RMS 1)")
-    _check(p.embed_dim >= 1 and p.context_dim >= 1 and p.context_len >= 1, "prior.embed_dim",
-           "embed_dim, context_dim and context_len must be >= 1")
-    _check(cfg.eval.sampler.steps >= 1, "eval.sampler.steps", "must be >= 1")
-    _check(0.0 < cfg.eval.sampler.truncation_rate <= 1.0, "eval.sampler.truncation_rate", "must be in (0, 1]")
-    e = cfg.eval
+    e, sc = cfg.eval, cfg.eval.sampler
+    _check(sc.steps >= 1, "eval.sampler.steps", "must be >= 1")
+    _check(0.0 < sc.truncation_rate <= 1.0, "eval.sampler.truncation_rate", "must be in (0, 1]")
+    _check(sc.guidance_scale >= 0, "eval.sampler.guidance_scale", "must be >= 0")
+    _check(sc.purity_temperature >= 0, "eval.sampler.purity_temperature", "must be >= 0")
+    _check(sc.batch_size >= 1, "eval.sampler.batch_size", "must be >= 1")
     _check(e.num_samples >= 2, "eval.num_samples", "must be >= 2 (FID needs a covariance)")
     _check(set(e.metrics) <= {"fid", "clip_score", "attributes"}, "eval.metrics",
            f"got {e.metrics}; choose from fid, clip_score, attributes")
@@ -352,32 +311,38 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(e.grid_size >= 1, "eval.grid_size", "must be >= 1")
     _check(len(e.prior_steps) > 0 and all(k >= 1 for k in e.prior_steps), "eval.prior_steps",
            "give at least one step count, each >= 1")
-    _check(cfg.task != "prior" or max(e.prior_steps) <= cfg.shifted.num_timesteps, "eval.prior_steps",
-           f"step counts must be <= shifted.num_timesteps={cfg.shifted.num_timesteps}")
     _check(e.poll_seconds > 0 and e.idle_timeout >= 0, "eval.poll_seconds", "poll_seconds > 0, idle_timeout >= 0")
     _check(e.lock_stale_seconds > 0, "eval.lock_stale_seconds", "must be > 0")
-    _check(cfg.eval.sampler.steps <= d.num_timesteps, "eval.sampler.steps",
-           f"must be <= diffusion.num_timesteps ({d.num_timesteps})")
-    _check(cfg.eval.sampler.guidance_scale >= 0, "eval.sampler.guidance_scale", "must be >= 0")
-    _check(cfg.eval.sampler.purity_temperature >= 0, "eval.sampler.purity_temperature", "must be >= 0")
-    _check(cfg.eval.sampler.batch_size >= 1, "eval.sampler.batch_size", "must be >= 1")
-    return cfg
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> RunConfig:
-    """YAML file (optional) + dotted overrides (`optim.lr=1e-4`) → validated RunConfig."""
-    base = OmegaConf.structured(RunConfig)
-    layers = [base]
+def parse_config(cls: type, path: Optional[str | Path] = None, overrides: Optional[list[str]] = None):
+    """YAML file (optional) + dotted overrides (`optim.lr=1e-4`) → an instance of the dataclass `cls`, unvalidated.
+
+    Parsing and type checks are OmegaConf's (an unknown key or a wrong type is named); a missing file or a
+    YAML syntax error is one ConfigError too. `vqd_scale.families.load_config` adds the value checks.
+    """
+    import yaml
+
+    if path is not None and not Path(path).is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    layers = [OmegaConf.structured(cls)]
     try:
         if path is not None:
             layers.append(OmegaConf.load(str(path)))
         if overrides:
             layers.append(OmegaConf.from_dotlist(list(overrides)))
-        merged = OmegaConf.merge(*layers)
-        cfg = OmegaConf.to_object(merged)
+        return OmegaConf.to_object(OmegaConf.merge(*layers))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: YAML syntax error: {yaml_error_line(e)}") from None
     except OmegaConfBaseException as e:  # unknown key, wrong type: OmegaConf names the key
         raise ConfigError(f"bad config ({path or 'defaults'}): {e}") from None
-    return validate(cfg)
+
+
+def yaml_error_line(e: Exception) -> str:
+    """PyYAML's multi-line message as one line with the line/column of the problem."""
+    mark = getattr(e, "problem_mark", None)
+    what = getattr(e, "problem", None) or " ".join(str(e).split())
+    return f"{what} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else what
 
 
 def to_dict(cfg: Any) -> dict:
@@ -385,6 +350,6 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def save_config(cfg: RunConfig, path: str | Path) -> None:
+def save_config(cfg: Any, path: str | Path) -> None:
     """Write the fully resolved config as YAML."""
     Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))

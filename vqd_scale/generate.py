@@ -13,6 +13,7 @@ import torch
 from vqd_scale.config import SamplerConfig
 from vqd_scale.diffusion.discrete import MaskAndReplace
 from vqd_scale.diffusion.sampling import Denoise, sample
+from vqd_scale.errors import UserError
 from vqd_scale.models.text import FrozenCLIPTextEncoder
 from vqd_scale.models.transformer import ContextKV, VQDiffusionTransformer
 
@@ -52,10 +53,10 @@ def generate(model: VQDiffusionTransformer, text_encoder: FrozenCLIPTextEncoder,
         raise ValueError(f"diffusion has K={diffusion.num_classes} codes but the model predicts "
                          f"{model.num_classes}; build MaskAndReplace with model.cfg.num_classes")
     if text_encoder.width != model.cfg.context_dim:
-        raise ValueError(f"text encoder width {text_encoder.width} != model.context_dim "
+        raise UserError(f"text encoder width {text_encoder.width} != model.context_dim "
                          f"{model.cfg.context_dim}; the model was trained with another text tower")
     if cfg.batch_size < 1:
-        raise ValueError(f"sampler.batch_size must be >= 1, got {cfg.batch_size}")
+        raise UserError(f"sampler.batch_size must be >= 1, got {cfg.batch_size}")
     model.eval()
     device = next(model.parameters()).device
     diffusion.to(device)

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from slurm_helpers import REPO
-from vqd_scale.config import ConfigError, load_config
+from vqd_scale.config import ConfigError
+from vqd_scale.families import load_config
 from vqd_scale.launch import TORCH_EXTENSIONS_DIR
 from vqd_scale.launch.jobargs import overrides_from_env, split_words, train_args
 

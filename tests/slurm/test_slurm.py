@@ -24,7 +24,8 @@ import pytest
 import yaml
 
 from slurm_helpers import REPO
-from vqd_scale.config import load_config, save_config
+from vqd_scale.config import save_config
+from vqd_scale.families import load_config
 from vqd_scale.launch.timeline import read_jsonl
 
 pytestmark = pytest.mark.slurm
@@ -35,7 +36,7 @@ TIMEOUT = 240  # s per wait: the first DeepSpeed run JIT-compiles a comm op (~35
 
 
 def _complete_steps(run_dir: Path) -> list[int]:
-    from vqd_scale.train.checkpoint import list_complete
+    from vqd_scale.rundir import list_complete
     return [s for s, _ in list_complete(run_dir)] if (run_dir / "checkpoints").exists() else []
 
 

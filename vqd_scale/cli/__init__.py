@@ -5,6 +5,8 @@ import logging
 from pathlib import Path
 from typing import Optional
 
+from vqd_scale.errors import MissingInput, UserError
+
 
 def weights_and_config(checkpoint: Optional[str], weights: Optional[str], config: Optional[str],
                        which: str = "ema") -> tuple[dict, Path]:
@@ -12,13 +14,13 @@ def weights_and_config(checkpoint: Optional[str], weights: Optional[str], config
     from safetensors.torch import load_file
 
     if bool(checkpoint) == bool(weights):
-        raise ValueError("give exactly one of --checkpoint or --weights")
+        raise UserError("give exactly one of --checkpoint or --weights")
     if checkpoint:
-        from vqd_scale.train.checkpoint import load_weights
+        from vqd_scale.rundir import load_weights
         sd = load_weights(checkpoint, which=which)  # refuses incomplete checkpoints
         return sd, Path(config) if config else Path(checkpoint).resolve().parents[1] / "config.yaml"
     if not config:
-        raise ValueError("--weights needs --config (the run's config.yaml)")
+        raise UserError("--weights needs --config (the run's config.yaml)")
     return load_file(weights), Path(config)
 
 
@@ -42,12 +44,12 @@ def text_encoder_for(text_cfg, config: Path, device: str = "cpu"):
     from safetensors.torch import load_file
 
     from vqd_scale.models.text import FrozenCLIPTextEncoder
-    from vqd_scale.train.checkpoint import TEXT_FILE
+    from vqd_scale.rundir import TEXT_FILE
     if text_cfg.pretrained:
         return FrozenCLIPTextEncoder(text_cfg).to(device).eval()
     path = Path(config).parent / TEXT_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"text.pretrained is unset and {path} is missing: the model was trained with a "
+        raise MissingInput(f"text.pretrained is unset and {path} is missing: the model was trained with a "
                                 f"random-init text tower saved there; copy {TEXT_FILE} from the run directory "
                                 "next to the config, or set text.pretrained")
     quiet = _DropMessage("No pretrained weights loaded")  # open_clip's "initialized randomly": not so here

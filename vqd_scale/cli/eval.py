@@ -14,9 +14,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from vqd_scale.config import ConfigError
 from vqd_scale.eval import watch
-from vqd_scale.launch.jobargs import load_config_checked
+from vqd_scale.families import load_config
+from vqd_scale.errors import UserError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -80,8 +80,8 @@ def main(argv=None) -> int:
             print(f"vqd-eval: {cfg_path} not found; is {run_dir} a vqd-train run directory? (--watch waits "
                   "for a run that has not started yet)", file=sys.stderr)
             return 2
-        cfg = load_config_checked(cfg_path, a.overrides)
-    except ConfigError as e:
+        cfg = load_config(cfg_path, a.overrides)
+    except UserError as e:
         print(f"vqd-eval: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     if a.step is not None and not a.watch:
@@ -90,8 +90,8 @@ def main(argv=None) -> int:
             print(f"vqd-eval: {ckpt} is not a complete checkpoint (missing, or its save was interrupted); "
                   "use --watch to wait for it", file=sys.stderr)
             return 2
-    from vqd_scale.eval.job import Evaluator, setup_ranks
-    from vqd_scale.train.distributed import shutdown
+    from vqd_scale.distributed import shutdown
+    from vqd_scale.eval.job import EvalJob, setup_ranks
 
     ranks = setup_ranks()
     # --force: the old result is set aside, not deleted, and put back if this evaluation fails
@@ -99,11 +99,11 @@ def main(argv=None) -> int:
     if kept and ranks.is_main and watch.result_path(run_dir, a.step).exists():
         watch.result_path(run_dir, a.step).replace(kept)
     ranks.decide(lambda: None)  # the old result is gone on every rank's view before anyone scans
-    built: list[Evaluator] = []
+    built: list[EvalJob] = []
 
     def evaluate(step, path):
         if not built:  # built at the first pending checkpoint: nothing to load when there is none
-            built.append(Evaluator(cfg, run_dir, ranks))
+            built.append(EvalJob(cfg, run_dir, ranks))
         return built[0](step, path)
     try:
         done = watch.run(run_dir, evaluate, watch=a.watch, poll_seconds=cfg.eval.poll_seconds,
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
                 kept.replace(watch.result_path(run_dir, a.step))
     if ranks.is_main:
         print(f"vqd-eval: evaluated {len(done)} checkpoint(s): {done}", flush=True)
-        hint = force_hint(run_dir, cfg.eval.metrics, list(done)) if cfg.task == "vqd" and not a.force else ""
+        hint = force_hint(run_dir, cfg.eval.metrics, list(done)) if not a.force else ""
         if hint:
             print(hint, flush=True)
     return 0
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
 def _wait_for_run(run_dir: Path, a: argparse.Namespace) -> bool:
     """Wait (watch mode) for a training run that has not written its config and a first complete
     checkpoint yet; False, with a message, when it did not appear in time."""
-    defaults = load_config_checked(None, a.overrides).eval  # the run's own config does not exist yet
+    defaults = load_config(None, a.overrides).eval  # the run's own config does not exist yet
     timeout = defaults.idle_timeout if a.wait_for_run is None else a.wait_for_run
     print(f"vqd-eval: waiting up to {timeout:.0f} s for {run_dir} to appear (config.yaml and a complete "
           "checkpoint of a training run)", file=sys.stderr, flush=True)

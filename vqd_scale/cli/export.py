@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
+from vqd_scale.errors import UserError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,14 +34,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _to_diffusers(a) -> Path:
+    from vqd_scale import families
     from vqd_scale.cli import text_encoder_for, weights_and_config
-    from vqd_scale.config import load_config
-    from vqd_scale.interop.pipeline import export_pipeline
     from vqd_scale.models.vqvae import ImageTokenizer
     sd, config = weights_and_config(a.checkpoint, a.weights, a.config, which=a.which)
-    cfg = load_config(config)
+    cfg = families.load_config(config)
+    export = families.get(cfg.task).export
+    if export is None:
+        raise UserError(f"task={cfg.task} has no diffusers export (diffusers has no pipeline for it); "
+                        "families with one: " + ", ".join(f.name for f in families.FAMILIES.values() if f.export))
     text = text_encoder_for(cfg.text, config)
-    out = export_pipeline(a.out, sd, cfg.model, cfg.diffusion, text, ImageTokenizer.load(a.image_tokenizer))
+    out = export(a.out, sd, cfg, text, ImageTokenizer.load(a.image_tokenizer))
     print(f"wrote {out} (load with diffusers.VQDiffusionPipeline.from_pretrained)")
     return out
 
@@ -65,7 +69,7 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     try:
         (_to_diffusers if a.cmd == "to-diffusers" else _import)(a)
-    except (ValueError, KeyError, FileNotFoundError) as e:
+    except UserError as e:
         print(f"vqd-export: {e}", file=sys.stderr)
         return 2
     return 0

@@ -7,6 +7,7 @@ import os
 import sys
 
 from vqd_scale.data.extract import ExtractConfig, run_extract
+from vqd_scale.errors import UserError
 
 
 def parse(argv=None) -> tuple[ExtractConfig, argparse.Namespace]:
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
         embedder = ClipEmbedder.build(cfg.clip_model, cfg.clip_pretrained, cfg.device, cfg.out_dir)
     try:
         m = run_extract(cfg, embedder)
-    except (ValueError, FileNotFoundError) as e:  # a wrong flag, not a crash: say what to fix, no traceback
+    except UserError as e:  # a wrong flag, not a crash: say what to fix, no traceback
         logging.error("vqd-extract: %s", e)
         return 2
     print(f"manifest: {m['totals']} shards={len(m['shards'])} failed={m['num_failed_shards']} "

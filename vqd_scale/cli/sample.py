@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from vqd_scale.errors import UserError
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="vqd-sample", description=__doc__.splitlines()[0])
@@ -36,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def load_model(a):
     """(RunConfig, transformer on device, config path) from --checkpoint or --weights/--config."""
     from vqd_scale.cli import weights_and_config
-    from vqd_scale.config import load_config
+    from vqd_scale.families import load_config
     from vqd_scale.interop.pipeline import with_num_classes
     from vqd_scale.models.transformer import VQDiffusionTransformer
     sd, config = weights_and_config(a.checkpoint, a.weights, a.config, which="ema")
@@ -54,13 +56,12 @@ def main(argv=None) -> int:
         if a.prompts_file:
             prompts += [ln.strip() for ln in Path(a.prompts_file).read_text().splitlines() if ln.strip()]
         if not prompts:
-            raise ValueError("no prompts: pass --prompt TEXT or --prompts-file FILE")
-    except (ValueError, FileNotFoundError) as e:
+            raise UserError("no prompts: pass --prompt TEXT or --prompts-file FILE")
+    except UserError as e:
         print(f"vqd-sample: {e}", file=sys.stderr)
         return 2
-    from tqdm import tqdm
-
     from PIL import Image
+    from tqdm import tqdm
 
     from vqd_scale.cli import text_encoder_for
     from vqd_scale.config import SamplerConfig
@@ -73,8 +74,8 @@ def main(argv=None) -> int:
         text = text_encoder_for(cfg.text, config, a.device)
         image_tok = ImageTokenizer.load(a.image_tokenizer, device=a.device)
         if image_tok.num_classes != model.num_classes:
-            raise ValueError(f"image tokenizer has K={image_tok.num_classes}, the model {model.num_classes}")
-    except (ValueError, FileNotFoundError, KeyError) as e:
+            raise UserError(f"image tokenizer has K={image_tok.num_classes}, the model {model.num_classes}")
+    except UserError as e:
         print(f"vqd-sample: {e}", file=sys.stderr)
         return 2
     diffusion = MaskAndReplace(cfg.diffusion, model.num_classes)

@@ -1,6 +1,6 @@
 """`vqd-train CONFIG [key=value ...] [--resume auto|none|PATH] [--init-from PATH]`.
 
-Works as one plain process, under `torchrun` and under `srun` (see train/distributed.py). The config
+Works as one plain process, under `torchrun` and under `srun` (see vqd_scale/distributed.py). The config
 is parsed and validated (and a resume checkpoint checked) before any process group starts, so a bad
 value fails fast with a message instead of hanging the other ranks.
 """
@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from vqd_scale.train import signals
+from vqd_scale.errors import UserError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 
@@ -40,13 +41,12 @@ def main(argv=None) -> int:
     if config is not None and "=" in config:  # `vqd-train key=value ...` without a file
         overrides.insert(0, config)
         config = None
-    from vqd_scale.config import ConfigError
-    from vqd_scale.launch.jobargs import load_config_checked
+    from vqd_scale.families import load_config
     try:
-        cfg = load_config_checked(config or DEFAULT_CONFIG, overrides)
+        cfg = load_config(config or DEFAULT_CONFIG, overrides)
         from vqd_scale.train.loop import run
         code = run(cfg, resume=args.resume, init_from=args.init_from)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except UserError as e:  # a bug keeps its traceback
         print(f"vqd-train: error: {e}", file=sys.stderr)
         return 2
     return code

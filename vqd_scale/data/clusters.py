@@ -19,10 +19,11 @@ from typing import Callable, Iterable, Iterator, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from vqd_scale.data import schema
+from vqd_scale.errors import MissingInput, UserError
 
 FORMAT = "vqd-prior-clusters/1"
 MIN_STD_FRACTION = 1e-2  # floor per-dim stds at this fraction of the global per-dim std
@@ -53,10 +54,10 @@ def _urls(shards: str) -> list[str]:
 
     urls = [u for part in shards.split("::") for u in braceexpand.braceexpand(part)]
     if not urls:
-        raise ValueError(f"no shards match {shards!r}")
+        raise UserError(f"no shards match {shards!r}")
     missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).exists()]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} shard(s) not found, e.g. {missing[0]}; check --shards")
+        raise MissingInput(f"{len(missing)} shard(s) not found, e.g. {missing[0]}; check --shards")
     return urls
 
 
@@ -69,7 +70,7 @@ def _iter_records(shards: str, chunk: int, keys: tuple[str, ...]) -> Iterator[tu
     for rec in ds:
         for key, buf in zip(keys, bufs):
             if key not in rec:
-                raise ValueError(f"record {rec.get('__key__')} in {rec.get('__url__')} has no {key}; re-extract the "
+                raise UserError(f"record {rec.get('__key__')} in {rec.get('__url__')} has no {key}; re-extract the "
                                  "shards with CLIP embeddings (vqd-extract --clip-model stores image and text ones)")
             buf.append(schema.load_npy(rec[key]).astype(np.float32))
         if len(bufs[0]) == chunk:
@@ -85,7 +86,7 @@ def fit_clusters(chunks: Callable[[], Iterable[np.ndarray]], k: int, seed: int =
     from sklearn.cluster import MiniBatchKMeans
 
     if k < 1:
-        raise ValueError(f"k={k}: need at least one component")
+        raise UserError(f"k={k}: need at least one component")
     km = MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=3, batch_size=max(1024, 3 * k))
     # the first partial_fit initialises the centres (k-means++ on that batch): give it >= 3k points
     pending: list[np.ndarray] = []
@@ -99,14 +100,14 @@ def fit_clusters(chunks: Callable[[], Iterable[np.ndarray]], k: int, seed: int =
     if pending:
         total = sum(len(p) for p in pending)
         if not fitted and total < k:
-            raise ValueError(f"only {total} embeddings for k={k} components; use fewer components or more shards")
+            raise UserError(f"only {total} embeddings for k={k} components; use fewer components or more shards")
         km.partial_fit(np.concatenate(pending))
     centres = km.cluster_centers_
     E = centres.shape[1]
     n, s, ss = np.zeros(k, np.int64), np.zeros((k, E)), np.zeros((k, E))
     for x in _limit(chunks(), max_samples):
         if x.shape[1] != E:
-            raise ValueError(f"embedding width changed from {E} to {x.shape[1]} within the shards")
+            raise UserError(f"embedding width changed from {E} to {x.shape[1]} within the shards")
         lab = km.predict(x)
         n += np.bincount(lab, minlength=k)
         np.add.at(s, lab, x)
@@ -146,7 +147,7 @@ def text_routed_stats(means: torch.Tensor, stds: torch.Tensor, pairs: Iterable[t
         ss.index_add_(0, c, d2)
         yy += (d2 / sd[c] ** 2).sum().item()
     if n.sum() == 0:
-        raise ValueError("no (image, text) embedding pairs to route; check the shards")
+        raise UserError("no (image, text) embedding pairs to route; check the shards")
     rms = (ss / n.clamp(min=1)[:, None]).sqrt()
     routed = torch.where(n[:, None] >= 2, rms, (ss.sum(0) / n.sum()).sqrt()[None]).clamp(min=1e-6)
     return {"routed_stds": routed.float(), "routed_counts": n.long(), "agreement": agree / n.sum().item(),
@@ -188,12 +189,12 @@ def save_clusters(path: str | Path, clusters: dict[str, torch.Tensor], metadata:
 def load_clusters(path: str | Path) -> dict:
     """{means, stds, counts, metadata} from a file written by `save_clusters`; checks the format."""
     if not Path(path).exists():
-        raise FileNotFoundError(f"clusters file {path} not found; fit it with tools/fit_prior_clusters.py "
+        raise MissingInput(f"clusters file {path} not found; fit it with tools/fit_prior_clusters.py "
                                 "or unset shifted.clusters")
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}; refit with tools/fit_prior_clusters.py")
+        raise UserError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}; refit with tools/fit_prior_clusters.py")
     out = dict(load_file(str(path)))
     out["metadata"] = meta
     return out

@@ -14,9 +14,9 @@ import logging
 import os
 import signal
 import socket
-from contextlib import nullcontext
 import time
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -28,6 +28,7 @@ import torch
 
 from vqd_scale.data import schema
 from vqd_scale.data.inputs import TRUNCATED, UNREADABLE, ShardSamples, expected_samples
+from vqd_scale.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def expand_inputs(pattern: str) -> list[str]:
             # braceexpand leaves '*' alone: a glob was taken as one literal (missing) path, 0 shards, exit 0
             out.extend(sorted(glob.glob(p)) if glob.has_magic(p) and "://" not in p else [p])
     if not out or not pattern.strip():
-        raise ValueError("no input shards: pass --inputs like 'data/{00000..00099}.tar'")
+        raise UserError("no input shards: pass --inputs like 'data/{00000..00099}.tar'")
     return out
 
 
@@ -172,7 +173,7 @@ def write_manifest(cfg: ExtractConfig, tokenizer, inputs: list[str], embed_dim: 
             changed.append(Path(p).name)
             continue
         if m.get("tokenizer_id") != tokenizer.tokenizer_id:
-            raise ValueError(f"{mpath} was written with tokenizer {m.get('tokenizer_id')}, not "
+            raise UserError(f"{mpath} was written with tokenizer {m.get('tokenizer_id')}, not "
                              f"{tokenizer.tokenizer_id}; extract into a fresh --out-dir")
         shards.append({"name": m["output"], "count": m["written"]})
         totals["written"] += m["written"]
@@ -217,7 +218,7 @@ def derive_source(inputs: list[str]) -> str:
     """The inputs' folder name ('/data/laion/{00000..00099}.tar' → 'laion') when they share one."""
     names = {Path(p).parent.name for p in inputs}
     if len(names) != 1 or not min(names):
-        raise ValueError(f"set --source to the dataset name stored with every record (laion, cc15m, …): "
+        raise UserError(f"set --source to the dataset name stored with every record (laion, cc15m, …): "
                          f"the inputs lie in folders named {sorted(names)}, so none can stand for it")
     return names.pop()
 
@@ -226,7 +227,7 @@ def resolve_defaults(cfg: ExtractConfig, tokenizer, inputs: list[str]) -> Extrac
     """Fill resolution (the tokenizer's) and source (the inputs' folder name) when not given."""
     res = cfg.resolution if cfg.resolution is not None else tokenizer.resolution
     if res is None:
-        raise ValueError(f"set --resolution: the tokenizer {cfg.tokenizer} records none (a bare diffusers VQModel "
+        raise UserError(f"set --resolution: the tokenizer {cfg.tokenizer} records none (a bare diffusers VQModel "
                          f"directory?); pass the image side, e.g. --resolution 256, or prepare the tokenizer with "
                          f"tools/prepare_tokenizer.py, which records it")
     if tokenizer.resolution is not None and res != tokenizer.resolution:
@@ -266,9 +267,9 @@ def run_extract(cfg: ExtractConfig, embedder=None) -> dict:
     from vqd_scale.models.vqvae import ImageTokenizer
 
     if not cfg.out_dir:
-        raise ValueError("set --out-dir: where token shards, done-markers and manifest.json go")
+        raise UserError("set --out-dir: where token shards, done-markers and manifest.json go")
     if not 0 <= cfg.task_index < cfg.num_tasks:
-        raise ValueError(f"task index {cfg.task_index} not in [0, num_tasks={cfg.num_tasks})")
+        raise UserError(f"task index {cfg.task_index} not in [0, num_tasks={cfg.num_tasks})")
     inputs = expand_inputs(cfg.inputs)
     tokenizer = ImageTokenizer.load(cfg.tokenizer, device=cfg.device)
     cfg = resolve_defaults(cfg, tokenizer, inputs)
@@ -280,7 +281,7 @@ def run_extract(cfg: ExtractConfig, embedder=None) -> dict:
     for p in missing:
         log.warning("input shard %s does not exist (gap in shard numbering?); recorded in manifest", p)
     if mine and len(missing) == len(mine):  # every input missing is a typo in --inputs, not gaps
-        raise ValueError(f"none of this task's {len(mine)} input shard(s) exists (first: {mine[0]}); "
+        raise UserError(f"none of this task's {len(mine)} input shard(s) exists (first: {mine[0]}); "
                          "check --inputs")
     todo = [p for p in mine if p not in missing]
     for p in tqdm(todo, desc=f"extract task {cfg.task_index}/{cfg.num_tasks}", disable=not cfg.progress):

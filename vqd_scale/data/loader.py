@@ -1,6 +1,6 @@
 """Streaming, resumable token-shard loader: one per rank, built from DataConfig + rank/world_size.
 
-    loader = TokenLoader(cfg.data, rank, world_size, caption_dropout=0.1)
+    loader = TokenLoader(cfg.data, rank, world_size, dropout={"text": 0.1})
     for batch in loader: ...            # infinite; batches as in docs/architecture.md ("Batches")
     state = loader.state_dict()         # exact position (per-worker stream positions)
     loader.load_state_dict(state)       # a rebuilt loader continues with the very next batch
@@ -16,7 +16,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Mapping, Optional
 
 import braceexpand
 import torch
@@ -24,8 +24,10 @@ import torch
 from vqd_scale.config import DataConfig
 from vqd_scale.data import schema
 from vqd_scale.data.stream import MixSchedule, Position, SourceSpec, StreamSpec, stream_batches
+from vqd_scale.errors import MissingInput, UserError
 
 log = logging.getLogger(__name__)
+DROPOUT_KEYS = ("text",)  # conditions whose per-sample dropout the loader draws (`drop_<key>` in a batch)
 STATE_VERSION = 2  # 2: stream positions count raw samples since the stream began (1: since the epoch began)
 MARKERS_CHECKED = 16  # done-markers per source compared with the manifest (evenly spaced; each is one small read)
 
@@ -59,14 +61,17 @@ def _local(p: str) -> bool:
 class TokenLoader:
     """Per-rank loader over weighted token-shard sources; infinite iterator with exact resume state."""
 
-    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1, caption_dropout: float = 0.0,
+    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1, dropout: Optional[Mapping[str, float]] = None,
                  timeout_s: Optional[float] = None, max_consecutive_failures: Optional[int] = None):
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
-        if not 0.0 <= caption_dropout < 1.0:
-            raise ValueError(f"caption_dropout must be in [0, 1); got {caption_dropout}")
+            raise UserError(f"rank {rank} not in [0, world_size={world_size})")
+        dropout = dict(dropout or {})
+        unknown = sorted(set(dropout) - set(DROPOUT_KEYS))
+        if unknown or not all(0.0 <= p < 1.0 for p in dropout.values()):
+            raise UserError(f"condition dropout {dropout}: keys must be among {DROPOUT_KEYS}, each in [0, 1)")
+        caption_dropout = dropout.get("text", 0.0)
         if cfg.batch_size <= 0 or cfg.num_workers < 0 or cfg.epoch_samples <= 0:
-            raise ValueError("data.batch_size and data.epoch_samples must be > 0, data.num_workers >= 0")
+            raise UserError("data.batch_size and data.epoch_samples must be > 0, data.num_workers >= 0")
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.timeout_s = cfg.timeout_s if timeout_s is None else timeout_s
         if max_consecutive_failures is None:
@@ -77,31 +82,31 @@ class TokenLoader:
             shards, counts, manifest = self._resolve_source(sc.name, sc.shards)
             manifests.append(manifest)
             if not cfg.resampled and len(shards) < world_size * self.num_streams:
-                raise ValueError(f"source {sc.name!r} has {len(shards)} shards but world_size × num_workers = "
+                raise UserError(f"source {sc.name!r} has {len(shards)} shards but world_size × num_workers = "
                                  f"{world_size * self.num_streams} streams need one each; set data.resampled=true "
                                  f"or use more shards")
             sources.append(SourceSpec(sc.name, shards, counts, float(sc.weight)))
         if not sources:
-            raise ValueError("data.sources is empty; list at least one token-shard source")
+            raise UserError("data.sources is empty; list at least one token-shard source")
         if any(s.weight <= 0 for s in sources):
-            raise ValueError("data.sources[].weight must be > 0")
+            raise UserError("data.sources[].weight must be > 0")
         m0 = manifests[0]
         for sc, m in zip(cfg.sources, manifests):
             for k in ("tokenizer_id", "num_classes", "token_shape", "context_length"):
                 if m.get(k) != m0.get(k):
-                    raise ValueError(f"source {sc.name!r} has {k}={m.get(k)} but source {cfg.sources[0].name!r} "
+                    raise UserError(f"source {sc.name!r} has {k}={m.get(k)} but source {cfg.sources[0].name!r} "
                                      f"has {m0.get(k)}; extract every source with the same tokenizer and resolution")
         named = schema.read_manifest(cfg.manifest).get("tokenizer_id") if cfg.manifest else m0.get("tokenizer_id")
         if named != m0.get("tokenizer_id"):  # training reads K from data.manifest: it must describe these shards
-            raise ValueError(f"data.manifest {cfg.manifest} has tokenizer {named!r} "
+            raise UserError(f"data.manifest {cfg.manifest} has tokenizer {named!r} "
                              f"but the shards of source {cfg.sources[0].name!r} were extracted with "
                              f"{m0.get('tokenizer_id')!r}; point data.manifest at the manifest.json of these shards")
         if cfg.tokenizer_id is not None and m0["tokenizer_id"] != cfg.tokenizer_id:
-            raise ValueError(f"token shards were extracted with tokenizer {m0['tokenizer_id']!r} but "
+            raise UserError(f"token shards were extracted with tokenizer {m0['tokenizer_id']!r} but "
                              f"data.tokenizer_id is {cfg.tokenizer_id!r}; re-extract the data with that tokenizer "
                              f"or set data.tokenizer_id={m0['tokenizer_id']}")
         if cfg.with_embeddings and not all(m.get("embed_dim") for m in manifests):
-            raise ValueError("data.with_embeddings=true but the manifest has no embed_dim; extract with "
+            raise UserError("data.with_embeddings=true but the manifest has no embed_dim; extract with "
                              "--clip-model to store CLIP embeddings")
         self.tokenizer_id: str = m0["tokenizer_id"]
         self.num_classes: int = int(m0["num_classes"])
@@ -125,7 +130,7 @@ class TokenLoader:
         """Expand a source's shards, drop missing/empty ones (warning), read its manifest and counts."""
         shards = _expand(pattern)
         if not shards:
-            raise ValueError(f"data source {name!r}: shard pattern {pattern!r} is empty; set data.sources[].shards "
+            raise UserError(f"data source {name!r}: shard pattern {pattern!r} is empty; set data.sources[].shards "
                              f"to a braceexpand pattern like 'tokens/{{00000..00099}}.tar'")
         missing = [p for p in shards if _local(p) and not Path(p).exists()]
         if missing:
@@ -133,7 +138,7 @@ class TokenLoader:
                         name, len(missing), len(shards), missing[0])
         shards = [p for p in shards if p not in set(missing)]
         if not shards:
-            raise FileNotFoundError(f"data source {name!r}: none of the shards of {pattern!r} exist; "
+            raise MissingInput(f"data source {name!r}: none of the shards of {pattern!r} exist; "
                                     f"fix data.sources[].shards")
         # a source's own manifest wins: data.manifest names one source's, and shard names (00000.tar)
         # repeat across sources, so its counts would be taken for another source's shards
@@ -158,7 +163,7 @@ class TokenLoader:
                         len(empty), empty[0])
         kept = [(p, n) for p, n in zip(shards, counts) if n != 0]
         if not kept:
-            raise ValueError(f"data source {name!r}: every shard is empty (0 valid samples in the done-markers); "
+            raise UserError(f"data source {name!r}: every shard is empty (0 valid samples in the done-markers); "
                              f"re-run vqd-extract and check its skip counts")
         return [p for p, _ in kept], [n for _, n in kept], manifest
 
@@ -175,11 +180,11 @@ class TokenLoader:
             try:
                 got = json.loads(marker.read_text())
             except (OSError, ValueError) as e:
-                raise ValueError(f"data source {name!r}: done-marker {marker} is unreadable ({e}); re-run "
+                raise UserError(f"data source {name!r}: done-marker {marker} is unreadable ({e}); re-run "
                                  "vqd-extract for that shard") from None
             for k in ("tokenizer_id", "num_classes", "token_shape"):
                 if k in got and manifest.get(k) is not None and got[k] != manifest[k]:
-                    raise ValueError(
+                    raise UserError(
                         f"data source {name!r}: manifest {mpath} says {k}={manifest[k]!r} but shard {p} was "
                         f"extracted with {k}={got[k]!r} (its done-marker {marker.name}); the manifest belongs "
                         "to other shards — rewrite it with vqd-extract (or fix data.sources / data.manifest)")
@@ -247,15 +252,16 @@ class TokenLoader:
         mine = self.state_dict()
         for k in ("version", "seed", "world_size", "num_streams", "sources", "batches_per_epoch"):
             if state.get(k) != mine[k]:
-                raise ValueError(f"data loader state has {k}={state.get(k)!r} but this loader has {mine[k]!r}; "
+                raise UserError(f"data loader state has {k}={state.get(k)!r} but this loader has {mine[k]!r}; "
                                  f"resume with the same data config, world size and num_workers (or drop the "
                                  f"loader state to restart the data stream)")
         if state["rank"] != self.rank:
-            raise ValueError(f"data loader state belongs to rank {state['rank']}, not rank {self.rank}")
+            raise UserError(f"data loader state belongs to rank {state['rank']}, not rank {self.rank}")
         self._delivered = int(state["delivered"])
         self._positions = [Position(int(e), int(b), [int(x) for x in sp]) for e, b, sp in state["positions"]]
 
 
-def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1, caption_dropout: float = 0.0) -> TokenLoader:
-    """The training engine's entry point: one loader per rank."""
-    return TokenLoader(cfg, rank=rank, world_size=world_size, caption_dropout=caption_dropout)
+def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1,
+                 dropout: Optional[Mapping[str, float]] = None) -> TokenLoader:
+    """The training engine's entry point: one loader per rank; `dropout` = the family's condition dropout."""
+    return TokenLoader(cfg, rank=rank, world_size=world_size, dropout=dropout)

@@ -15,6 +15,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from vqd_scale.errors import MissingInput, UserError
+
 FORMAT = "vqd-token-shards/1"
 IMAGE_TOKENS = "img.tok.npy"  # int16 [h, w] pruned code ids (compact ids < K)
 TEXT_TOKENS = "txt.tok.npy"  # int32 [77] CLIP BPE ids
@@ -40,7 +42,7 @@ _HEADER_CACHE: dict[bytes, tuple[np.dtype, tuple[int, ...], int]] = {}
 def load_npy(data: bytes) -> np.ndarray:
     """Parse .npy bytes; the header parse is cached because every record of a shard shares it."""
     if data[:6] != b"\x93NUMPY":
-        raise ValueError("not an .npy member (bad magic)")
+        raise UserError("not an .npy member (bad magic)")
     # v1 header length is a uint16 at byte 8, v2/v3 a uint32; the header ends at a 64-byte boundary
     major = data[6]
     hlen = int.from_bytes(data[8:10], "little") if major == 1 else int.from_bytes(data[8:12], "little")
@@ -53,14 +55,14 @@ def load_npy(data: bytes) -> np.ndarray:
         read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, fortran, dtype = read(buf)  # numpy's own (safe) header parser
         if fortran or dtype.hasobject:
-            raise ValueError("unsupported .npy layout (fortran order or object dtype)")
+            raise UserError("unsupported .npy layout (fortran order or object dtype)")
         parsed = (dtype, tuple(shape), len(header))
         if len(_HEADER_CACHE) < 256:
             _HEADER_CACHE[header] = parsed
     dtype, shape, offset = parsed
     count = int(np.prod(shape)) if shape else 1
     if len(data) - offset != count * dtype.itemsize:
-        raise ValueError(f".npy member has {len(data) - offset} data bytes, header says {count * dtype.itemsize}")
+        raise UserError(f".npy member has {len(data) - offset} data bytes, header says {count * dtype.itemsize}")
     return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
 
 
@@ -112,11 +114,11 @@ def read_manifest(path: str | os.PathLike) -> dict:
     if p.is_dir():
         p = p / MANIFEST
     if not p.exists():
-        raise FileNotFoundError(f"token manifest {p} not found; run vqd-extract (it writes {MANIFEST}) "
+        raise MissingInput(f"token manifest {p} not found; run vqd-extract (it writes {MANIFEST}) "
                                 f"or point data.manifest at the right file")
     m = json.loads(p.read_text())
     if m.get("format") != FORMAT:
-        raise ValueError(f"{p}: format {m.get('format')!r} is not {FORMAT!r}; re-extract with this version")
+        raise UserError(f"{p}: format {m.get('format')!r} is not {FORMAT!r}; re-extract with this version")
     return m
 
 
@@ -134,3 +136,22 @@ def source_manifest_path(pattern: str, fallback: Optional[str] = None) -> Option
                 return str(beside) if beside.exists() or not fallback else fallback
     return fallback
 
+
+
+def manifest_of_sources(data_cfg) -> tuple[Optional[dict], Optional[str]]:
+    """(manifest, path) describing every source of a DataConfig — beside each source's shards, else
+    data.manifest — which must agree on tokenizer, K and grid; (None, None) when no manifest is found."""
+    found = [(sc.name, p) for sc in data_cfg.sources if (p := source_manifest_path(sc.shards, data_cfg.manifest))]
+    if not found:
+        return None, None
+    named = [(name, path, read_manifest(path)) for name, path in found]
+    name0, path0, m = named[0]
+    for name, path, other in named[1:]:
+        for k in ("tokenizer_id", "num_classes", "token_shape"):
+            if other.get(k) != m.get(k):
+                raise UserError(f"data source {name!r} ({path}) has {k}={other.get(k)} but source {name0!r} "
+                                f"({path0}) has {m.get(k)}; extract every source with the same tokenizer and resolution")
+    if data_cfg.tokenizer_id and m.get("tokenizer_id") != data_cfg.tokenizer_id:
+        raise UserError(f"data.tokenizer_id={data_cfg.tokenizer_id!r} but the manifest {path0} was "
+                        f"extracted with {m.get('tokenizer_id')!r}; re-extract or fix data.tokenizer_id")
+    return m, path0

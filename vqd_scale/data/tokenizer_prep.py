@@ -15,6 +15,7 @@ import torch
 
 from vqd_scale.data.extract import expand_inputs
 from vqd_scale.data.inputs import decode_sample, iter_raw_samples
+from vqd_scale.errors import UserError
 
 
 def shard_images(inputs: str, resolution: int, center_crop: bool = True, min_size: int = 32,
@@ -68,11 +69,11 @@ def fit_pruning(tok, images: Iterable[np.ndarray], heldout: int = 64, min_count:
     if buf:
         count(buf)
     if n_fit == 0:
-        raise ValueError("no image to fit the pruning map on: the shards gave none that decodes (check --shards, "
+        raise UserError("no image to fit the pruning map on: the shards gave none that decodes (check --shards, "
                          "--min-image-size)")
     keep = torch.nonzero(counts >= min_count).flatten()
     if keep.numel() == 0:
-        raise ValueError(f"no code is used {min_count} times; lower --min-count")
+        raise UserError(f"no code is used {min_count} times; lower --min-count")
     full_err = tok_err = pruned_frac = None  # no held-out images: nothing to report
     if held:
         h = _to_tensor(held)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+from vqd_scale.errors import UserError
+
 SCHEDULE_PRESETS: dict[str, tuple[float, float, float, float]] = {
     # What the official checkpoints and diffusers use: ᾱ+γ̄ ≈ 1, so effectively mask-only.
     "released": (0.99999, 0.000009, 0.000009, 0.99999),
@@ -21,13 +23,13 @@ def resolve_endpoints(preset: str, alpha_cum_start: Optional[float] = None,
     if preset == "custom":
         missing = [k for k, v in zip(ENDPOINT_KEYS, given) if v is None]
         if missing:
-            raise ValueError(f"diffusion.preset='custom' needs every endpoint; set diffusion.{missing[0]} "
+            raise UserError(f"diffusion.preset='custom' needs every endpoint; set diffusion.{missing[0]} "
                              f"(missing: {', '.join(missing)})")
         base = given
     elif preset in SCHEDULE_PRESETS:
         base = SCHEDULE_PRESETS[preset]
     else:
-        raise ValueError(f"diffusion.preset={preset!r} unknown; use one of {sorted(SCHEDULE_PRESETS)} or 'custom'")
+        raise UserError(f"diffusion.preset={preset!r} unknown; use one of {sorted(SCHEDULE_PRESETS)} or 'custom'")
     a0, a1, g0, g1 = (float(b if v is None else v) for b, v in zip(base, given))
     problems = []
     if not (0.0 < a1 <= a0 <= 1.0):
@@ -37,5 +39,5 @@ def resolve_endpoints(preset: str, alpha_cum_start: Optional[float] = None,
     if a0 + g0 > 1.0 or a1 + g1 > 1.0:
         problems.append(f"need alpha_cum + gamma_cum <= 1 at both ends (got {a0 + g0:.6g}, {a1 + g1:.6g})")
     if problems:
-        raise ValueError("diffusion schedule endpoints invalid: " + "; ".join(problems))
+        raise UserError("diffusion schedule endpoints invalid: " + "; ".join(problems))
     return a0, a1, g0, g1

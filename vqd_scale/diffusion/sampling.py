@@ -12,6 +12,7 @@ import torch
 
 from vqd_scale.config import SamplerConfig
 from vqd_scale.diffusion.discrete import LOG_EPS, MaskAndReplace, sample_categorical
+from vqd_scale.errors import UserError
 
 Denoise = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, Optional[torch.Tensor]]]
 
@@ -19,7 +20,7 @@ Denoise = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, Optional[to
 def timesteps(num_timesteps: int, steps: int) -> list[int]:
     """The t's the net is evaluated at: `steps` values from T−1 down to 0, evenly spaced."""
     if not 1 <= steps <= num_timesteps:
-        raise ValueError(f"sampler steps={steps} must be in [1, num_timesteps={num_timesteps}]")
+        raise UserError(f"sampler steps={steps} must be in [1, num_timesteps={num_timesteps}]")
     # spacing (T−1)/(steps−1) >= 1, so rounding never merges two steps
     return torch.linspace(num_timesteps - 1, 0, steps).round().long().tolist()
 
@@ -82,13 +83,13 @@ def _purity_step(x: torch.Tensor, log_x0: torch.Tensor, count: int, temperature:
 def check_sampler_config(cfg: SamplerConfig, num_timesteps: int) -> None:
     """Refuse sampler settings that cannot work, naming the key."""
     if not 1 <= cfg.steps <= num_timesteps:
-        raise ValueError(f"sampler.steps={cfg.steps} must be in [1, num_timesteps={num_timesteps}]")
+        raise UserError(f"sampler.steps={cfg.steps} must be in [1, num_timesteps={num_timesteps}]")
     if not 0.0 < cfg.truncation_rate <= 1.0:
-        raise ValueError(f"sampler.truncation_rate={cfg.truncation_rate} must be in (0, 1]")
+        raise UserError(f"sampler.truncation_rate={cfg.truncation_rate} must be in (0, 1]")
     if cfg.guidance_scale < 0:
-        raise ValueError(f"sampler.guidance_scale={cfg.guidance_scale} must be >= 0")
+        raise UserError(f"sampler.guidance_scale={cfg.guidance_scale} must be >= 0")
     if cfg.purity_temperature < 0:
-        raise ValueError(f"sampler.purity_temperature={cfg.purity_temperature} must be >= 0")
+        raise UserError(f"sampler.purity_temperature={cfg.purity_temperature} must be >= 0")
 
 
 @torch.inference_mode()

@@ -17,6 +17,7 @@ import torch
 
 from vqd_scale.data import schema
 from vqd_scale.data.stream import read_shard
+from vqd_scale.errors import MissingInput, UserError
 
 
 @dataclass
@@ -42,11 +43,11 @@ def expand(pattern: str) -> list[str]:
 def read_heldout(pattern: str, num: int) -> HeldOut:
     """The first `num` records of the shards matched by `pattern` (eval.shards)."""
     if not pattern:
-        raise ValueError("eval.shards is empty: point it at held-out token shards (e.g. 'DIR/{00000..00001}.tar')")
+        raise UserError("eval.shards is empty: point it at held-out token shards (e.g. 'DIR/{00000..00001}.tar')")
     paths = expand(pattern)
     missing = [p for p in paths if "://" not in p and not p.startswith("pipe:") and not Path(p).is_file()]
     if missing:
-        raise FileNotFoundError(f"eval.shards: {len(missing)} of {len(paths)} shards not found, e.g. {missing[0]}")
+        raise MissingInput(f"eval.shards: {len(missing)} of {len(paths)} shards not found, e.g. {missing[0]}")
     recs, errors, ids = [], {}, set()
     for path in paths:
         for raw in read_shard(path, errors):
@@ -58,13 +59,13 @@ def read_heldout(pattern: str, num: int) -> HeldOut:
         if len(recs) == num:
             break
     if len(recs) < num:
-        raise ValueError(f"eval.shards has only {len(recs)} readable records but eval.num_samples={num}; "
+        raise UserError(f"eval.shards has only {len(recs)} readable records but eval.num_samples={num}; "
                          f"add held-out shards or lower eval.num_samples (read errors: {errors.get('_last')})")
     for r in recs:
         if schema.META in r:
             ids.add(json.loads(r[schema.META]).get("tokenizer_id"))
     if len(ids - {None}) > 1:
-        raise ValueError(f"eval.shards mix image tokenizers {sorted(ids - {None})}; use shards of one tokenizer")
+        raise UserError(f"eval.shards mix image tokenizers {sorted(ids - {None})}; use shards of one tokenizer")
 
     def stack(member, dtype):
         if not all(member in r for r in recs):

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from vqd_scale.compat import import_open_clip
+from vqd_scale.errors import MissingInput, UserError
 
 # Tiny CLIP for tests and the CPU demo: the real open_clip architecture, random init.
 TINY_CLIP = dict(embed_dim=16,
@@ -33,10 +34,10 @@ def gaussian_stats(features: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.
     """Mean [D] and unbiased covariance [D,D] (float64) of features [N,D], as pytorch-fid computes them."""
     f = features.detach().cpu().double().numpy() if isinstance(features, torch.Tensor) else np.asarray(features, np.float64)
     if f.ndim != 2 or f.shape[0] < 2:
-        raise ValueError(f"need features of shape [N>=2, D] for Fréchet statistics, got {f.shape}; "
+        raise UserError(f"need features of shape [N>=2, D] for Fréchet statistics, got {f.shape}; "
                          "raise eval.num_samples")
     if not np.isfinite(f).all():
-        raise ValueError("features contain NaN/inf; the model or the decoder produced non-finite images")
+        raise UserError("features contain NaN/inf; the model or the decoder produced non-finite images")
     return f.mean(0), np.atleast_2d(np.cov(f, rowvar=False))
 
 
@@ -46,7 +47,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-        raise ValueError(f"Fréchet statistics disagree in shape: mu {mu1.shape} vs {mu2.shape}, "
+        raise UserError(f"Fréchet statistics disagree in shape: mu {mu1.shape} vs {mu2.shape}, "
                          f"sigma {sigma1.shape} vs {sigma2.shape}; were they made with the same feature extractor?")
     diff = mu1 - mu2
     covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
@@ -57,7 +58,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     if np.iscomplexobj(covmean):
         # Numerical noise makes tiny imaginary parts; a large one means the statistics are broken.
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"Fréchet distance: sqrtm has imaginary component {np.abs(covmean.imag).max():.3g}; "
+            raise UserError(f"Fréchet distance: sqrtm has imaginary component {np.abs(covmean.imag).max():.3g}; "
                              "covariances are not positive semi-definite")
         covmean = covmean.real
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
@@ -76,10 +77,10 @@ def save_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray) -> No
 def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """Read a pytorch-fid / clean-fid style .npz with `mu` and `sigma`."""
     if not Path(path).exists():
-        raise FileNotFoundError(f"reference statistics {path} not found (eval.reference_stats)")
+        raise MissingInput(f"reference statistics {path} not found (eval.reference_stats)")
     with np.load(path) as z:
         if "mu" not in z or "sigma" not in z:
-            raise ValueError(f"{path}: needs arrays 'mu' and 'sigma' (pytorch-fid format), has {list(z.keys())}")
+            raise UserError(f"{path}: needs arrays 'mu' and 'sigma' (pytorch-fid format), has {list(z.keys())}")
         return z["mu"], z["sigma"]
 
 
@@ -102,11 +103,11 @@ class ClipFeatures(torch.nn.Module):
             self.tokenizer = oc.get_tokenizer("ViT-B-32")  # same BPE vocab, offline
         else:
             if not weights and not model_name.startswith("local-dir:"):
-                raise ValueError(f"eval.clip_weights is not set for CLIP model {model_name!r}: give a local "
+                raise UserError(f"eval.clip_weights is not set for CLIP model {model_name!r}: give a local "
                                  "weights file (hub tags are not downloaded at run time); random features "
                                  "would make FID and CLIP score meaningless. Use clip_model=tiny only for tests.")
             if weights and not Path(weights).exists():
-                raise FileNotFoundError(f"eval.clip_weights={weights} does not exist")
+                raise MissingInput(f"eval.clip_weights={weights} does not exist")
             self.model = oc.create_model(model_name, pretrained=weights or None)
             self.tokenizer = oc.get_tokenizer(model_name)
         self.model.eval().requires_grad_(False)
@@ -140,7 +141,7 @@ class InceptionFeatures(torch.nn.Module):
     def __init__(self, weights: Optional[str]):
         super().__init__()
         if not weights or not Path(weights).is_file():
-            raise ValueError(f"feature_extractor=inception needs eval.feature_weights = a local copy of "
+            raise UserError(f"feature_extractor=inception needs eval.feature_weights = a local copy of "
                              f"pytorch-fid's {self.WEIGHTS_NAME} (got {weights!r}); nothing is downloaded "
                              "at run time. Or use feature_extractor=clip.")
         import_open_clip()  # patches torchvision's C-op schemas on CPU torch before pytorch_fid imports it
@@ -191,7 +192,7 @@ FEATURE_EXTRACTORS: dict[str, Callable[[str, Optional[str], Optional[str]], torc
 def clip_score(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
     """Per-pair CLIP score [B]: 100·max(cos(image, text), 0), as torchmetrics / Hessel et al. define it."""
     if image_emb.shape != text_emb.shape:
-        raise ValueError(f"CLIP score needs paired embeddings of equal shape, got {tuple(image_emb.shape)} "
+        raise UserError(f"CLIP score needs paired embeddings of equal shape, got {tuple(image_emb.shape)} "
                          f"and {tuple(text_emb.shape)}")
     return 100 * F.cosine_similarity(image_emb.float(), text_emb.float(), dim=-1).clamp(min=0)
 
@@ -233,7 +234,7 @@ def attribute_hits(captions: Sequence[str], images: torch.Tensor) -> torch.Tenso
     from vqd_scale.data.synthetic import attribute_accuracy, caption_attributes
 
     if len(captions) != len(images):
-        raise ValueError(f"{len(captions)} captions for {len(images)} images")
+        raise UserError(f"{len(captions)} captions for {len(images)} images")
     rows = []
     for caption, image in zip(captions, images):
         n = len(caption_attributes(caption)["objects"])

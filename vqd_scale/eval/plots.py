@@ -82,7 +82,7 @@ def plot_curves(run_dir: str | os.PathLike, path: str | os.PathLike,
     run_dir = Path(run_dir)
     train: dict[int, dict] = {}
     if (run_dir / "metrics.jsonl").exists():
-        from vqd_scale.train.metrics import read_metrics
+        from vqd_scale.rundir import read_metrics
         train = read_metrics(run_dir)
     evals = read_eval_results(run_dir / "eval")
     metric_names = sorted({k for r in evals for k, v in r.get("metrics", {}).items() if isinstance(v, (int, float))})

@@ -23,12 +23,11 @@ from typing import Any, Callable, Optional
 
 import yaml
 
-from vqd_scale.train.checkpoint import COMPLETE, list_complete
-from vqd_scale.train.checkpoint import DONE_FILE as DONE_MARKER  # written by training when it finished for good
+from vqd_scale.rundir import COMPLETE, EVAL_DIR, list_complete  # noqa: F401  (EVAL_DIR: eval's own dir)
+from vqd_scale.rundir import DONE_FILE as DONE_MARKER  # written by training when it finished for good
 
 log = logging.getLogger(__name__)
 
-EVAL_DIR = "eval"
 
 
 def result_path(run_dir: str | os.PathLike, step: int) -> Path:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from vqd_scale.compat import import_open_clip
+from vqd_scale.errors import UserError
 
 
 def _activation(clip: nn.Module) -> str:
@@ -25,7 +26,7 @@ def _activation(clip: nn.Module) -> str:
         return "quick_gelu"
     if isinstance(act, nn.GELU) and act.approximate == "none":
         return "gelu"
-    raise ValueError(f"unsupported text MLP activation {act!r} for transformers' CLIPTextModel")
+    raise UserError(f"unsupported text MLP activation {act!r} for transformers' CLIPTextModel")
 
 
 def text_config(clip: nn.Module) -> dict:

@@ -12,6 +12,7 @@ from typing import Any, Optional
 import torch
 
 from vqd_scale.config import TransformerConfig
+from vqd_scale.errors import UserError
 from vqd_scale.models.transformer import resolve_size
 
 NULL_KEY = "learned_classifier_free_sampling_embeddings.embeddings"
@@ -45,10 +46,10 @@ def diffusers_config(cfg: TransformerConfig) -> dict[str, Any]:
     """`Transformer2DModel` kwargs for our config; refuses layouts diffusers cannot express."""
     s = resolve_size(cfg)
     if cfg.height != cfg.width:
-        raise ValueError(f"diffusers' Transformer2DModel needs a square token grid; got model.height="
+        raise UserError(f"diffusers' Transformer2DModel needs a square token grid; got model.height="
                          f"{cfg.height}, model.width={cfg.width}")
     if s.mlp_ratio != 4.0:
-        raise ValueError(f"diffusers' FeedForward is fixed at 4×; this model has mlp_ratio={s.mlp_ratio} "
+        raise UserError(f"diffusers' FeedForward is fixed at 4×; this model has mlp_ratio={s.mlp_ratio} "
                          "(size S widens it to match the paper's 34M) — export needs model.mlp_ratio=4")
     return dict(num_attention_heads=s.heads, attention_head_dim=s.dim // s.heads, num_layers=s.layers,
                 dropout=cfg.dropout, cross_attention_dim=cfg.context_dim, attention_bias=True,
@@ -67,7 +68,7 @@ def to_diffusers(sd: dict[str, torch.Tensor], cfg: TransformerConfig) -> tuple[d
             continue
         parts = k.split(".")
         if parts[0] != "blocks" or len(parts) < 4:
-            raise KeyError(f"unexpected key {k!r} in transformer state dict (is it a VQDiffusionTransformer?)")
+            raise UserError(f"unexpected key {k!r} in transformer state dict (is it a VQDiffusionTransformer?)")
         i, name, param = parts[1], ".".join(parts[2:]), parts[-1]
         mod = parts[2]
         if mod in _FUSED:
@@ -76,7 +77,7 @@ def to_diffusers(sd: dict[str, torch.Tensor], cfg: TransformerConfig) -> tuple[d
         elif name in _BLOCK:
             out[f"transformer_blocks.{i}.{_BLOCK[name]}"] = v
         else:
-            raise KeyError(f"unexpected key {k!r} in transformer state dict")
+            raise UserError(f"unexpected key {k!r} in transformer state dict")
     return config, out
 
 
@@ -93,10 +94,10 @@ def config_from_diffusers(config: dict[str, Any], context_len: int = 77) -> Tran
         config["norm_type"] = "ada_norm"
     for k, v in expect.items():
         if config.get(k) != v:
-            raise ValueError(f"diffusers transformer config {k}={config.get(k)!r}; only {v!r} maps onto "
+            raise UserError(f"diffusers transformer config {k}={config.get(k)!r}; only {v!r} maps onto "
                              "VQDiffusionTransformer")
     if config.get("num_vector_embeds") is None:
-        raise ValueError("diffusers transformer config has no num_vector_embeds: not a discrete (VQ) model")
+        raise UserError("diffusers transformer config has no num_vector_embeds: not a discrete (VQ) model")
     return TransformerConfig(
         size="debug", num_classes=int(config["num_vector_embeds"]) - 1, height=int(config["sample_size"]),
         width=int(config["sample_size"]), context_dim=int(config["cross_attention_dim"]),
@@ -111,11 +112,11 @@ def from_diffusers(config: dict[str, Any], dsd: dict[str, torch.Tensor],
     """(diffusers config, diffusers state dict [+ NULL_KEY]) → (our config, our state dict)."""
     null = dsd.get(NULL_KEY, null_embedding)
     if null is None:
-        raise ValueError(f"no learned null embedding: pass null_embedding= (the pipeline's "
+        raise UserError(f"no learned null embedding: pass null_embedding= (the pipeline's "
                          f"learned_classifier_free_sampling_embeddings) or include {NULL_KEY!r}")
     cfg = config_from_diffusers(config, context_len=null.shape[0])
     if null.dim() != 2 or null.shape[1] != cfg.context_dim:
-        raise ValueError(f"learned null embedding has shape {tuple(null.shape)}; the transformer's "
+        raise UserError(f"learned null embedding has shape {tuple(null.shape)}; the transformer's "
                          f"cross_attention_dim={cfg.context_dim} needs [L, {cfg.context_dim}]: pass the null "
                          "embedding of this same checkpoint")
     inv_top = {v: k for k, v in _TOP.items()}
@@ -130,7 +131,7 @@ def from_diffusers(config: dict[str, Any], dsd: dict[str, torch.Tensor],
             continue
         parts = k.split(".")
         if parts[0] != "transformer_blocks":
-            raise KeyError(f"unexpected diffusers key {k!r}")
+            raise UserError(f"unexpected diffusers key {k!r}")
         i, name = parts[1], ".".join(parts[2:])
         if name in inv_block:
             out[f"blocks.{i}.{inv_block[name]}"] = v
@@ -144,12 +145,12 @@ def from_diffusers(config: dict[str, Any], dsd: dict[str, torch.Tensor],
                 continue
             break
         else:
-            raise KeyError(f"unexpected diffusers key {k!r}")
+            raise UserError(f"unexpected diffusers key {k!r}")
     for key, pieces in pending.items():
         srcs = _FUSED[key.split(".")[2]]
         missing = [s for s in srcs if s not in pieces]
         if missing:
-            raise KeyError(f"diffusers state dict lacks {missing} for {key}")
+            raise UserError(f"diffusers state dict lacks {missing} for {key}")
         out[key] = torch.cat([pieces[s] for s in srcs], dim=0)
     return cfg, out
 

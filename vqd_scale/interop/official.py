@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from vqd_scale.config import TransformerConfig
+from vqd_scale.errors import UserError
 
 PREFIX = "transformer.transformer."
 NULL = "transformer.empty_text_embed"
@@ -26,7 +27,7 @@ _FUSED = {"attn1": ("qkv", ("query", "key", "value")), "attn2": ("kv2", ("key", 
 def merge_ema(ckpt: dict, use_ema: bool = True) -> dict[str, torch.Tensor]:
     """Flat official state dict, EMA weights overriding the raw ones (as the official inference does)."""
     if "model" not in ckpt:
-        raise ValueError("not an official VQ-Diffusion checkpoint: no 'model' key")
+        raise UserError("not an official VQ-Diffusion checkpoint: no 'model' key")
     sd = dict(ckpt["model"])
     if use_ema and "ema" in ckpt:
         sd.update({f"transformer.{k}": v for k, v in ckpt["ema"].items()})
@@ -46,10 +47,10 @@ def from_official(sd: dict[str, torch.Tensor], heads: int = 16) -> tuple[Transfo
             continue
         m = re.fullmatch(r"blocks\.(\d+)\.(.+)\.(weight|bias)", name)
         if not m:
-            raise KeyError(f"unexpected official key {k!r}")
+            raise UserError(f"unexpected official key {k!r}")
         i, mod, param = m.groups()
         if mod.startswith("mlp.conv"):
-            raise ValueError("this checkpoint uses the conv MLP (mlp_type=conv_mlp); only the linear MLP maps")
+            raise UserError("this checkpoint uses the conv MLP (mlp_type=conv_mlp); only the linear MLP maps")
         if mod.endswith(".emb") or mod.endswith(".linear"):  # AdaLN: ln1 / ln1_1 .emb / .linear
             ln, sub = mod.rsplit(".", 1)
             out[f"blocks.{i}.{_BLOCK[ln]}.{sub}.{param}"] = v
@@ -63,14 +64,14 @@ def from_official(sd: dict[str, torch.Tensor], heads: int = 16) -> tuple[Transfo
         order = _FUSED["attn1" if ".qkv." in key else "attn2"][1]
         out[key] = torch.cat([parts[p] for p in order])
     if NULL not in sd:
-        raise KeyError(f"{NULL} missing: the checkpoint has no learned null text (trained without learnable_cf)")
+        raise UserError(f"{NULL} missing: the checkpoint has no learned null text (trained without learnable_cf)")
     out["null_context"] = sd[NULL].float()
     rows, k = out["token_emb.weight"].shape[0], out["out.weight"].shape[0]
     if rows != k + 1:  # the content embedding holds the K codes plus [MASK]; to_logits predicts the K codes
-        raise ValueError(f"official checkpoint: content_emb.emb has {rows} rows but to_logits predicts {k} "
+        raise UserError(f"official checkpoint: content_emb.emb has {rows} rows but to_logits predicts {k} "
                          f"codes (expected {k + 1} = K + [MASK]); the two come from different pruned codebooks")
     if out["null_context"].shape[-1] != out["blocks.0.kv2.weight"].shape[1]:
-        raise ValueError(f"official checkpoint: {NULL} has width {out['null_context'].shape[-1]} but the "
+        raise UserError(f"official checkpoint: {NULL} has width {out['null_context'].shape[-1]} but the "
                          f"cross-attention reads {out['blocks.0.kv2.weight'].shape[1]}-d text features")
     layers = 1 + max(int(k.split(".")[1]) for k in out if k.startswith("blocks."))
     dim = out["token_emb.weight"].shape[1]

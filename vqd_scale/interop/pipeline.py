@@ -15,10 +15,10 @@ import torch
 from vqd_scale.compat import import_diffusers
 from vqd_scale.config import DiscreteDiffusionConfig, TransformerConfig
 from vqd_scale.diffusion.presets import resolve_endpoints
+from vqd_scale.errors import MissingInput, UserError
 from vqd_scale.interop.clip_hf import to_hf_text_model, write_hf_tokenizer
 from vqd_scale.interop.diffusers import NULL_KEY, from_diffusers, split_null, to_diffusers
 from vqd_scale.models.text import FrozenCLIPTextEncoder
-
 
 LearnedEmbModule = "diffusers.pipelines.deprecated.vq_diffusion.pipeline_vq_diffusion"
 
@@ -26,7 +26,8 @@ LearnedEmbModule = "diffusers.pipelines.deprecated.vq_diffusion.pipeline_vq_diff
 def _diffusers():
     diffusers = import_diffusers()
     from diffusers.pipelines.deprecated.vq_diffusion.pipeline_vq_diffusion import (
-        LearnedClassifierFreeSamplingEmbeddings)
+        LearnedClassifierFreeSamplingEmbeddings,
+    )
     return diffusers, LearnedClassifierFreeSamplingEmbeddings
 
 
@@ -34,7 +35,7 @@ def with_num_classes(cfg: TransformerConfig, sd: dict[str, torch.Tensor]) -> Tra
     """cfg with num_classes taken from the weights when the run config left it 0 (from the manifest)."""
     k = int(sd["out.weight"].shape[0])
     if cfg.num_classes not in (0, k):
-        raise ValueError(f"model.num_classes={cfg.num_classes} but the weights predict {k} classes")
+        raise UserError(f"model.num_classes={cfg.num_classes} but the weights predict {k} classes")
     import dataclasses
     return dataclasses.replace(cfg, num_classes=k)
 
@@ -69,13 +70,13 @@ def build_pipeline(model_sd: dict[str, torch.Tensor], model_cfg: TransformerConf
     diffusers, LearnedEmb = _diffusers()
     model_cfg = with_num_classes(model_cfg, model_sd)
     if not hasattr(image_tokenizer, "model"):
-        raise ValueError("the pipeline needs a VQModel image tokenizer (diffusers VQModel); k-means "
+        raise UserError("the pipeline needs a VQModel image tokenizer (diffusers VQModel); k-means "
                          "tokenizers have no diffusers equivalent")
     if image_tokenizer.num_classes != model_cfg.num_classes:
-        raise ValueError(f"image tokenizer has K={image_tokenizer.num_classes} codes, the model "
+        raise UserError(f"image tokenizer has K={image_tokenizer.num_classes} codes, the model "
                          f"{model_cfg.num_classes}: export with the tokenizer the model was trained on")
     if text_encoder.width != model_cfg.context_dim:
-        raise ValueError(f"text width {text_encoder.width} != model.context_dim {model_cfg.context_dim}")
+        raise UserError(f"text width {text_encoder.width} != model.context_dim {model_cfg.context_dim}")
     conf, dsd = to_diffusers(model_sd, model_cfg)
     transformer = diffusers.Transformer2DModel(**conf)
     tsd, null = split_null(dsd)
@@ -113,16 +114,16 @@ def import_pipeline_dir(path: str | Path, context_len: Optional[int] = None
     p = Path(path)
     tdir = p / "transformer" if (p / "transformer").is_dir() else p
     if not (tdir / "config.json").is_file():
-        raise FileNotFoundError(f"{tdir}/config.json not found: not a diffusers pipeline or transformer directory")
+        raise MissingInput(f"{tdir}/config.json not found: not a diffusers pipeline or transformer directory")
     transformer = diffusers.Transformer2DModel.from_pretrained(str(tdir))
     dsd = dict(transformer.state_dict())
     edir = p / "learned_classifier_free_sampling_embeddings"
     if edir.is_dir():
         learned = LearnedEmb.from_pretrained(str(edir))
         if not learned.learnable:
-            raise ValueError(f"{edir}: null embedding is not learnable (the fp16 hub revision lacks it); "
+            raise UserError(f"{edir}: null embedding is not learnable (the fp16 hub revision lacks it); "
                              "use a checkpoint that has the learned embedding")
         dsd[NULL_KEY] = learned.embeddings.detach()
     else:
-        raise FileNotFoundError(f"{edir} not found: the learned null text embedding is needed for guidance")
+        raise MissingInput(f"{edir} not found: the learned null text embedding is needed for guidance")
     return from_diffusers(dict(transformer.config), dsd)

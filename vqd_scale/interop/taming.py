@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from vqd_scale.errors import UserError
+
 _RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
 _ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 
@@ -27,7 +29,7 @@ def load_taming_config(path: str | Path) -> dict:
     cfg = OmegaConf.to_container(OmegaConf.load(str(path)), resolve=True)
     params = cfg.get("model", {}).get("params", cfg) if isinstance(cfg, dict) else None
     if not isinstance(params, dict) or "ddconfig" not in params or "n_embed" not in params:
-        raise ValueError(f"{path}: not a taming VQGAN config (needs model.params with ddconfig, n_embed, embed_dim)")
+        raise UserError(f"{path}: not a taming VQGAN config (needs model.params with ddconfig, n_embed, embed_dim)")
     return params
 
 
@@ -36,17 +38,17 @@ def load_taming_state_dict(path: str | Path, trust_pickle: bool = False) -> dict
     try:
         ckpt = torch.load(str(path), map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as e:
-        raise ValueError(f"{path} holds pickled objects besides tensors ({str(e).splitlines()[0]}); if you trust "
+        raise UserError(f"{path} holds pickled objects besides tensors ({str(e).splitlines()[0]}); if you trust "
                          "the file, pass --trust-pickle to load it with full unpickling") from None
     sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict):
-        raise ValueError(f"{path}: no state_dict in the checkpoint")
+        raise UserError(f"{path}: no state_dict in the checkpoint")
     if any(k.endswith("quantize.proj.weight") or k.endswith("quantize.embed.weight") for k in sd):
-        raise ValueError(f"{path} is a Gumbel-quantised VQGAN (quantize.proj / quantize.embed): it picks codes by a "
+        raise UserError(f"{path} is a Gumbel-quantised VQGAN (quantize.proj / quantize.embed): it picks codes by a "
                          "learned projection, not by the nearest code, so a diffusers VQModel cannot express it")
     anchor = next((k for k in sd if k.endswith("quantize.embedding.weight")), None)
     if anchor is None:
-        raise ValueError(f"{path}: no quantize.embedding.weight; not a taming VQGAN checkpoint")
+        raise UserError(f"{path}: no quantize.embedding.weight; not a taming VQGAN checkpoint")
     prefix = anchor[: -len("quantize.embedding.weight")]  # e.g. "first_stage_model." inside a larger model
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix) and torch.is_tensor(v)}
 
@@ -56,10 +58,10 @@ def vqmodel_config(params: dict) -> dict:
     dd = params["ddconfig"]
     mult, attn = list(dd["ch_mult"]), set(dd.get("attn_resolutions", []))
     if mult[0] != 1:
-        raise ValueError(f"ch_mult {mult} starts with {mult[0]}: the diffusers encoder's first block has "
+        raise UserError(f"ch_mult {mult} starts with {mult[0]}: the diffusers encoder's first block has "
                          "block_out_channels[0] channels where taming's has ch; only ch_mult[0] = 1 converts")
     if dd.get("double_z", False):
-        raise ValueError("ddconfig.double_z is true (a KL autoencoder's encoder), not a VQGAN")
+        raise UserError("ddconfig.double_z is true (a KL autoencoder's encoder), not a VQGAN")
     res, down = dd["resolution"], []
     for _ in mult:  # taming adds attention at levels whose feature side is in attn_resolutions
         down.append("AttnDownEncoderBlock2D" if res in attn else "DownEncoderBlock2D")
@@ -122,7 +124,7 @@ def vqmodel_from_taming(ckpt: str | Path, config: str | Path, trust_pickle: bool
     wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in sd and sd[k].shape != v.shape]
     missing, extra = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     if wrong or missing or extra:
-        raise ValueError(f"{ckpt} does not fit the VQModel built from {config} (shapes {wrong[:3]}, missing "
+        raise UserError(f"{ckpt} does not fit the VQModel built from {config} (shapes {wrong[:3]}, missing "
                          f"{missing[:3]}, unexpected {extra[:3]}); is the config the checkpoint's own?")
     model.load_state_dict(sd, strict=True)
     return model.eval()

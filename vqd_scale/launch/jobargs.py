@@ -22,9 +22,8 @@ import sys
 from pathlib import Path
 from typing import Mapping, Optional
 
-import yaml
-
-from vqd_scale.config import ConfigError, RunConfig, load_config
+from vqd_scale.config import ConfigError
+from vqd_scale.families import load_config
 
 
 def split_words(text: str, name: str) -> list[str]:
@@ -50,28 +49,11 @@ def overrides_from_env(env: Mapping[str, str]) -> list[str]:
     return out + split_words(env.get("OVERRIDES", ""), "OVERRIDES")
 
 
-def load_config_checked(path: Optional[str | os.PathLike], overrides: list[str]) -> RunConfig:
-    """load_config, with a missing file or a YAML syntax error as a one-line ConfigError too."""
-    if path is not None and not Path(path).is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        return load_config(path, overrides)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: YAML syntax error: {yaml_error_line(e)}") from None
-
-
-def yaml_error_line(e: yaml.YAMLError) -> str:
-    """PyYAML's multi-line message as one line with the line/column of the problem."""
-    mark = getattr(e, "problem_mark", None)
-    what = getattr(e, "problem", None) or " ".join(str(e).split())
-    return f"{what} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else what
-
-
 def train_args(config: str, env: Mapping[str, str]) -> list[str]:
     """[run_dir, *overrides] for `vqd-train CONFIG OVERRIDES run_dir=RUN_DIR`, after validating that
     config; run_dir is RUN_DIR when set (it wins over one in the overrides), else the config's."""
     overrides = overrides_from_env(env)
-    cfg = load_config_checked(config, overrides + ([f"run_dir={env['RUN_DIR']}"] if env.get("RUN_DIR") else []))
+    cfg = load_config(config, overrides + ([f"run_dir={env['RUN_DIR']}"] if env.get("RUN_DIR") else []))
     return [cfg.run_dir, *overrides]
 
 

@@ -16,12 +16,13 @@ from typing import Iterator, Optional, Sequence
 import braceexpand
 import submitit
 
+from vqd_scale.errors import UserError
 from vqd_scale.launch.jobs import EvalJob, ExtractTask, TrainJob
 
 CLUSTERS = ("slurm", "local")
 
 
-class SubmitError(ValueError):
+class SubmitError(UserError):
     """A submission refused before or by the scheduler; the message says why (tools/submit.py prints it)."""
 
 

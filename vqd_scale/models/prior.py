@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vqd_scale.config import PriorConfig
+from vqd_scale.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -45,18 +46,18 @@ def prior_scale(cfg: PriorConfig) -> float:
     """s of the prior's space z = s·e (e unit-norm): `prior.embed_scale`, or √embed_dim when unset."""
     s = math.sqrt(cfg.embed_dim) if cfg.embed_scale is None else float(cfg.embed_scale)
     if not s > 0:
-        raise ValueError(f"prior.embed_scale={cfg.embed_scale} must be > 0 (or null for √embed_dim)")
+        raise UserError(f"prior.embed_scale={cfg.embed_scale} must be > 0 (or null for √embed_dim)")
     return s
 
 
 def resolve_prior_size(cfg: PriorConfig) -> PriorSize:
     """The registry entry named by `cfg.size`, with explicit dim/heads/layers overriding it."""
     if cfg.size not in PRIOR_SIZES:
-        raise ValueError(f"prior.size={cfg.size!r} unknown; use one of {sorted(PRIOR_SIZES)}")
+        raise UserError(f"prior.size={cfg.size!r} unknown; use one of {sorted(PRIOR_SIZES)}")
     over = {k: getattr(cfg, k) for k in ("dim", "heads", "layers") if getattr(cfg, k) is not None}
     size = dataclasses.replace(PRIOR_SIZES[cfg.size], **over)
     if size.dim % size.heads:
-        raise ValueError(f"prior dim={size.dim} is not divisible by heads={size.heads}; fix prior.dim/heads")
+        raise UserError(f"prior dim={size.dim} is not divisible by heads={size.heads}; fix prior.dim/heads")
     return size
 
 
@@ -84,10 +85,10 @@ class Mixture(nn.Module):
     def load_clusters(self, means: torch.Tensor, stds: torch.Tensor) -> None:
         """Set the components from fitted clusters (means, per-dim stds [k, E])."""
         if means.shape != self.base_means.shape or stds.shape != self.base_means.shape:
-            raise ValueError(f"clusters are {tuple(means.shape)}/{tuple(stds.shape)} but the prior expects "
+            raise UserError(f"clusters are {tuple(means.shape)}/{tuple(stds.shape)} but the prior expects "
                              f"{tuple(self.base_means.shape)}; set prior.num_components/embed_dim to match the file")
         if not (stds > 0).all():
-            raise ValueError("cluster stds must be > 0 (a zero std makes sampling deterministic); refit the clusters")
+            raise UserError("cluster stds must be > 0 (a zero std makes sampling deterministic); refit the clusters")
         self.base_means.copy_(means)
         self.base_log_stds.copy_(stds.log())
 
@@ -204,7 +205,7 @@ class PriorModel(nn.Module):
         if context is None:
             context = z_t.new_zeros(B, L, self.cfg.context_dim)
         if context.shape[1:] != (L, self.cfg.context_dim):
-            raise ValueError(f"prior context is {tuple(context.shape)}; expected [B, {L}, {self.cfg.context_dim}] "
+            raise UserError(f"prior context is {tuple(context.shape)}; expected [B, {L}, {self.cfg.context_dim}] "
                              "(prior.context_len / context_dim must match the text features)")
         context = context.to(dtype)
         if drop_text is not None:
@@ -216,14 +217,3 @@ class PriorModel(nn.Module):
         for blk in self.blocks:
             x = checkpoint(blk, x, use_reentrant=False) if self.activation_checkpointing and self.training else blk(x)
         return self.head(x[:, -1])
-
-
-def build_prior(cfg: PriorConfig, learnable_mixture: bool = False, mixture_lr_scale: float = 0.01,
-                clusters: Optional[str] = None) -> PriorModel:
-    """A prior with its mixture loaded from a clusters .safetensors (tools/fit_prior_clusters.py) if given."""
-    model = PriorModel(cfg, learnable_mixture, mixture_lr_scale)
-    if clusters is not None:
-        from vqd_scale.data.clusters import load_clusters
-        cl = load_clusters(clusters)
-        model.load_clusters(cl["means"], cl["stds"])
-    return model

@@ -17,6 +17,7 @@ from torch import nn
 
 from vqd_scale.compat import import_open_clip
 from vqd_scale.config import TextEncoderConfig
+from vqd_scale.errors import MissingInput, UserError
 
 LOCAL_DIR = "local-dir:"
 
@@ -46,15 +47,15 @@ def build_clip(cfg: TextEncoderConfig) -> nn.Module:
     if pre and pre.startswith(LOCAL_DIR):
         folder = Path(pre[len(LOCAL_DIR):])
         if not (folder / "open_clip_config.json").is_file():
-            raise FileNotFoundError(f"text.pretrained={pre!r}: {folder}/open_clip_config.json not found")
+            raise MissingInput(f"text.pretrained={pre!r}: {folder}/open_clip_config.json not found")
         return open_clip.create_model(pre)
     name = tiny_model_name(cfg) if cfg.model == "tiny" else cfg.model
     if open_clip.get_model_config(name) is None:
-        raise ValueError(f"text.model={cfg.model!r} is not an open_clip model name (e.g. ViT-B-32) or 'tiny'")
+        raise UserError(f"text.model={cfg.model!r} is not an open_clip model name (e.g. ViT-B-32) or 'tiny'")
     model = open_clip.create_model(name, pretrained=None)
     if pre:
         if not Path(pre).is_file():
-            raise FileNotFoundError(
+            raise MissingInput(
                 f"text.pretrained={pre!r} is not a local file; give a weights file (.pt/.bin/.safetensors) or "
                 f"'local-dir:PATH' — hub tags are refused because nothing may download at run time")
         open_clip.load_checkpoint(model, pre)
@@ -70,14 +71,14 @@ class FrozenCLIPTextEncoder(nn.Module):
         self.cfg = cfg
         clip = build_clip(cfg)
         if not hasattr(clip, "ln_final") or not hasattr(clip, "token_embedding"):
-            raise ValueError(f"text.model={cfg.model!r} has no built-in text transformer (HF text towers "
+            raise UserError(f"text.model={cfg.model!r} has no built-in text transformer (HF text towers "
                              "are not supported); use an OpenAI-style CLIP such as ViT-B-32")
         clip.visual = nn.Identity()  # only the text tower is used; free the image tower
         self.clip = clip.eval().requires_grad_(False)
         self.width = clip.ln_final.normalized_shape[0]
         self.context_length = clip.positional_embedding.shape[0]
         if self.context_length != cfg.context_length:
-            raise ValueError(f"text.context_length={cfg.context_length} but the model has {self.context_length}")
+            raise UserError(f"text.context_length={cfg.context_length} but the model has {self.context_length}")
         self._tokenizer = open_clip.get_tokenizer(
             cfg.pretrained if (cfg.pretrained or "").startswith(LOCAL_DIR) else
             (tiny_model_name(cfg) if cfg.model == "tiny" else cfg.model),
@@ -95,7 +96,7 @@ class FrozenCLIPTextEncoder(nn.Module):
 
     def _check(self, tokens: torch.Tensor) -> None:
         if tokens.dim() != 2 or tokens.shape[1] != self.context_length:
-            raise ValueError(f"tokens must be Long[B, {self.context_length}] from tokenize(), got {tuple(tokens.shape)}")
+            raise UserError(f"tokens must be Long[B, {self.context_length}] from tokenize(), got {tuple(tokens.shape)}")
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

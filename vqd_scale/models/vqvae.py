@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from vqd_scale.errors import MissingInput, UserError
+
 TOKENIZER_JSON = "tokenizer.json"
 PRUNING_FILE = "pruning.safetensors"
 
@@ -68,10 +70,10 @@ class ImageTokenizer:
         n = self.codebook().shape[0]
         k = self.keep
         if k.ndim != 1 or k.numel() == 0 or int(k.min()) < 0 or int(k.max()) >= n or k.unique().numel() != k.numel():
-            raise ValueError(f"pruning map of tokenizer {self.name!r} must list distinct code ids in [0, {n}); "
+            raise UserError(f"pruning map of tokenizer {self.name!r} must list distinct code ids in [0, {n}); "
                              f"refit it with fit_pruning_map()")
         if k.numel() > np.iinfo(np.int16).max:
-            raise ValueError(f"{k.numel()} kept codes do not fit the int16 token record; prune the codebook")
+            raise UserError(f"{k.numel()} kept codes do not fit the int16 token record; prune the codebook")
 
     @property
     def num_classes(self) -> int:
@@ -105,13 +107,13 @@ class ImageTokenizer:
         """Token grid (h, w) for square images of this resolution."""
         f = self.downsample()
         if resolution % f:
-            raise ValueError(f"resolution {resolution} is not a multiple of the tokenizer's factor {f}")
+            raise UserError(f"resolution {resolution} is not a multiple of the tokenizer's factor {f}")
         return resolution // f, resolution // f
 
     def _check_images(self, images: torch.Tensor) -> None:
         f = self.downsample()
         if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] % f or images.shape[3] % f:
-            raise ValueError(f"images must be F[B,3,H,W] with H, W multiples of {f}; got {tuple(images.shape)}")
+            raise UserError(f"images must be F[B,3,H,W] with H, W multiples of {f}; got {tuple(images.shape)}")
 
     @torch.no_grad()
     def encode_full(self, images: torch.Tensor) -> torch.Tensor:
@@ -131,9 +133,9 @@ class ImageTokenizer:
         """Compact ids Long[B,h,w] → images F[B,3,H,W] in [-1,1]."""
         ids = torch.as_tensor(ids)
         if ids.ndim != 3:
-            raise ValueError(f"ids must be Long[B,h,w]; got shape {tuple(ids.shape)}")
+            raise UserError(f"ids must be Long[B,h,w]; got shape {tuple(ids.shape)}")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_classes):
-            raise ValueError(f"token ids must be in [0, {self.num_classes}) for tokenizer {self.tokenizer_id}; "
+            raise UserError(f"token ids must be in [0, {self.num_classes}) for tokenizer {self.tokenizer_id}; "
                              f"got [{int(ids.min())}, {int(ids.max())}] (mask tokens left, or another tokenizer?)")
         keep = self.keep.to(ids.device)
         return self.render(keep[ids.long()]).clamp(-1, 1)
@@ -165,19 +167,19 @@ class ImageTokenizer:
         if not meta_file.exists():
             if (p / "config.json").exists():  # plain diffusers VQModel directory
                 return VQModelTokenizer.from_diffusers(p, name=p.name).to(device)
-            raise FileNotFoundError(f"{meta_file} not found: {p} is not a tokenizer directory "
+            raise MissingInput(f"{meta_file} not found: {p} is not a tokenizer directory "
                                     f"(make one with tools/fit_tokenizer.py or ImageTokenizer.save)")
         meta = json.loads(meta_file.read_text())
         kind = meta.get("kind")
         if kind not in TOKENIZERS:
-            raise ValueError(f"{meta_file}: unknown tokenizer kind {kind!r}; known: {sorted(TOKENIZERS)}")
+            raise UserError(f"{meta_file}: unknown tokenizer kind {kind!r}; known: {sorted(TOKENIZERS)}")
         tok = TOKENIZERS[kind]._load(p, meta)
         tok.keep = load_file(str(p / PRUNING_FILE))["keep"].long() if (p / PRUNING_FILE).exists() else tok.keep
         tok._check_keep()
         tok.resolution = meta.get("resolution")
         saved = meta.get("tokenizer_id")
         if saved and saved != tok.tokenizer_id:
-            raise ValueError(f"{p}: weights/pruning map hash to {tok.tokenizer_id} but tokenizer.json says {saved}; "
+            raise UserError(f"{p}: weights/pruning map hash to {tok.tokenizer_id} but tokenizer.json says {saved}; "
                              f"the directory was modified (restore the original files), or it was saved by an "
                              f"older vqd_scale whose ids included the name (re-save it with ImageTokenizer.save "
                              f"and re-extract its token shards)")
@@ -215,7 +217,7 @@ class VQModelTokenizer(ImageTokenizer):
         """Wrap a local diffusers-format VQModel directory (never a hub id) with an identity map."""
         p = Path(path)
         if not (p / "config.json").exists():
-            raise FileNotFoundError(f"{p} has no config.json; pass a local diffusers VQModel directory")
+            raise MissingInput(f"{p} has no config.json; pass a local diffusers VQModel directory")
         return cls(_import_vqmodel().from_pretrained(str(p)), name=name or p.name)
 
     @classmethod
@@ -263,7 +265,7 @@ class KMeansTokenizer(ImageTokenizer):
     def __init__(self, centroids: torch.Tensor, patch: int, name: str = "kmeans",
                  keep: Optional[torch.Tensor] = None):
         if centroids.ndim != 2 or centroids.shape[1] != 3 * patch * patch:
-            raise ValueError(f"centroids must be [n, 3*{patch}*{patch}]; got {tuple(centroids.shape)}")
+            raise UserError(f"centroids must be [n, 3*{patch}*{patch}]; got {tuple(centroids.shape)}")
         self.centroids = centroids.float()
         self.patch = patch
         super().__init__(name, keep)
@@ -278,7 +280,7 @@ class KMeansTokenizer(ImageTokenizer):
         # drop near-duplicates (flat background dominates): otherwise most centroids sit on one colour
         patches, counts = np.unique(np.round(patches * 32) / 32, axis=0, return_counts=True)
         if len(patches) < num_codes:
-            raise ValueError(f"{len(patches)} patches cannot fit {num_codes} codes; give more images")
+            raise UserError(f"{len(patches)} patches cannot fit {num_codes} codes; give more images")
         km = MiniBatchKMeans(n_clusters=num_codes, random_state=seed, batch_size=batch_size, n_init=3,
                              max_iter=100).fit(patches)
         # Then each centroid = the count-weighted mean of its members: unweighted, the single background

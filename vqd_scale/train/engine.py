@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from vqd_scale.config import DeepSpeedConfig, OptimConfig
+from vqd_scale.errors import UserError
 
 FP16_LOSS_SCALING = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
                      "hysteresis": 2, "min_loss_scale": 1}  # loss_scale 0 = dynamic
@@ -34,10 +35,10 @@ def choose_precision(requested: str, device_type: str, has_native_bf16: bool) ->
         return "fp16", ("auto: this GPU has no native bf16 (compute capability < 8.0, bf16 would be emulated): "
                         "fp16 with dynamic loss scaling")
     if requested == "bf16" and gpu and not has_native_bf16:
-        raise ValueError("deepspeed.precision=bf16 but this GPU has no native bf16 (compute capability < 8.0; it "
+        raise UserError("deepspeed.precision=bf16 but this GPU has no native bf16 (compute capability < 8.0; it "
                          "would be emulated, slower than fp16); use precision=auto (fp16 with loss scaling) or fp32")
     if requested == "fp16" and not gpu:
-        raise ValueError("deepspeed.precision=fp16 needs a GPU; use precision=auto (fp32) or bf16 on CPU")
+        raise UserError("deepspeed.precision=fp16 needs a GPU; use precision=auto (fp32) or bf16 on CPU")
     return requested, "as configured"
 
 
@@ -62,7 +63,7 @@ def ds_config(cfg: DeepSpeedConfig, optim: OptimConfig, micro_batch: int, world_
         zero["contiguous_gradients"] = True
     if cfg.offload_optimizer:
         if cfg.zero_stage == 0:
-            raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
+            raise UserError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     conf = {
         "train_micro_batch_size_per_gpu": micro_batch,
@@ -82,7 +83,7 @@ def ds_config(cfg: DeepSpeedConfig, optim: OptimConfig, micro_batch: int, world_
         # stage 0's 16-bit DDP path cannot, and stage 1 would switch to DeepSpeed's BF16_Optimizer, whose
         # checkpoints zero_to_fp32 cannot consolidate (export, resume on another world size).
         if cfg.zero_stage < 2:
-            raise ValueError(f"deepspeed.grad_accum={cfg.grad_accum} with precision {precision} needs "
+            raise UserError(f"deepspeed.grad_accum={cfg.grad_accum} with precision {precision} needs "
                              f"deepspeed.zero_stage 2 or 3 (stage {cfg.zero_stage} cannot accumulate gradients in "
                              "fp32 with consolidatable checkpoints); or grad_accum=1")
         conf["data_types"] = {"grad_accum_dtype": "fp32"}

@@ -24,17 +24,19 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from vqd_scale.config import RunConfig, to_dict
-from vqd_scale.tasks import build_task
+from vqd_scale import distributed as D
+from vqd_scale.config import to_dict
+from vqd_scale.families import RunConfig
+from vqd_scale.errors import MissingInput, UserError
+from vqd_scale import families
 from vqd_scale.train import checkpoint as ckpt_io
-from vqd_scale.train import distributed as D
 from vqd_scale.train import run_dir as run_dir_io
+from vqd_scale.train.checkpoint import DONE_FILE
 from vqd_scale.train.disk_space import SKIP_SPACE_CHECK_ENV, estimate_bytes, space_problem
 from vqd_scale.train.ema import EMA
 from vqd_scale.train.engine import build_engine, fp32_master, resolve_precision, set_fp32_master
 from vqd_scale.train.lr_schedule import lr_at, set_lr
 from vqd_scale.train.metrics import MetricsLogger, peak_flops, peak_memory_mb
-from vqd_scale.train.checkpoint import DONE_FILE
 from vqd_scale.train.signals import EXIT_PREEMPTED, StopFlag
 
 EXIT_NONFINITE = 3  # the loss or gradient norm stopped being finite: stopped without saving that step
@@ -46,37 +48,9 @@ class TrainState:
     samples_seen: int = 0
 
 
-def resolve_data_dependent(cfg: RunConfig) -> RunConfig:
-    """Fill model.num_classes from the token manifests (beside each source's shards, else data.manifest),
-    which must agree on tokenizer, K and grid; check the tokenizer id and the model's grid against them."""
-    if cfg.task != "vqd":
-        return cfg
-    from vqd_scale.data.schema import read_manifest, source_manifest_path
-    found = [(sc.name, p) for sc in cfg.data.sources if (p := source_manifest_path(sc.shards, cfg.data.manifest))]
-    if not found:
-        if cfg.model.num_classes < 2:
-            raise ValueError("model.num_classes is 0 and no token manifest was found (no shard of data.sources "
-                             "exists and data.manifest is unset): point data.sources at shards written by "
-                             "vqd-extract (manifest.json lies beside them), or set model.num_classes explicitly")
-        return cfg
-    named = [(name, path, read_manifest(path)) for name, path in found]
-    name0, path0, m = named[0]
-    for name, path, other in named[1:]:
-        for k in ("tokenizer_id", "num_classes", "token_shape"):
-            if other.get(k) != m.get(k):
-                raise ValueError(f"data source {name!r} ({path}) has {k}={other.get(k)} but source {name0!r} "
-                                 f"({path0}) has {m.get(k)}; extract every source with the same tokenizer and resolution")
-    if cfg.data.tokenizer_id and m.get("tokenizer_id") != cfg.data.tokenizer_id:
-        raise ValueError(f"data.tokenizer_id={cfg.data.tokenizer_id!r} but the manifest {path0} was "
-                         f"extracted with {m.get('tokenizer_id')!r}; re-extract or fix data.tokenizer_id")
-    K, (h, w) = int(m["num_classes"]), m["token_shape"]
-    if cfg.model.num_classes not in (0, K):
-        raise ValueError(f"model.num_classes={cfg.model.num_classes} but the token manifest {path0} says K={K}; "
-                         "set model.num_classes=0 to take it from the manifest")
-    if (cfg.model.height, cfg.model.width) != (h, w):
-        raise ValueError(f"model.height/width = {cfg.model.height}x{cfg.model.width} but the tokens are {h}x{w}; "
-                         f"set model.height={h} model.width={w}")
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=K))
+def data_config(data, needs):
+    """The loader's DataConfig for a family's needs (embeddings loaded whenever the family reads them)."""
+    return dataclasses.replace(data, with_embeddings=data.with_embeddings or needs.embeddings)
 
 
 def _seed_all(seed: int) -> None:
@@ -90,35 +64,27 @@ def _step_seed(seed: int, rank: int, step: int, micro: int) -> int:
     return (seed * 1_000_003 + rank * 7_919 + step * 131 + micro) % 2**63
 
 
-def _init_hint(init_from: Path, cfg: RunConfig) -> str:
-    """What to set so the run's model matches `--init-from` weights imported by `vqd-export import`."""
+def _init_hint(init_from: Path, cfg) -> str:
+    """What to set so the run's model matches `--init-from` weights (the family knows, from their sidecar)."""
     sidecar = init_from.with_suffix(".yaml")  # the model section `vqd-export import` writes beside W.safetensors
-    if cfg.task != "vqd" or not init_from.is_file() or not sidecar.is_file():
-        return "set the model section (model.size / layers / dim / heads / num_classes / context_dim) to the weights' model"
-    from vqd_scale.config import TransformerConfig
-    from vqd_scale.models.transformer import resolve_size
-    theirs = TransformerConfig(**OmegaConf.to_container(OmegaConf.load(sidecar))["model"])
-
-    def fields(m: TransformerConfig) -> dict:  # the fields that decide tensor shapes, sizes resolved
-        return {**dataclasses.asdict(resolve_size(m)), **{k: getattr(m, k) for k in (
-            "num_classes", "height", "width", "context_dim", "context_len", "num_timesteps")}}
-    ours, want = fields(cfg.model), fields(theirs)
-    fix = " ".join(f"model.{k}={v}" for k, v in want.items() if ours[k] != v)
-    return f"set {fix} (from {sidecar}, written by vqd-export import)" if fix else f"compare with {sidecar}"
+    hint = families.get(cfg.task).init_hint
+    if hint is None or not init_from.is_file() or not sidecar.is_file():
+        return f"set the {cfg.task} model's config section to the weights' model (size, layers, dim, heads, widths)"
+    return hint(cfg, sidecar)
 
 
 def _load_init_from(init_from: str, module: torch.nn.Module, cfg: RunConfig) -> None:
     """Load `--init-from` weights (a .safetensors, e.g. from `vqd-export import`, or a checkpoint's EMA)."""
     p = Path(init_from)
     if not p.exists():
-        raise FileNotFoundError(f"--init-from {init_from}: no such weights file or checkpoint directory")
+        raise MissingInput(f"--init-from {init_from}: no such weights file or checkpoint directory")
     sd = ckpt_io.load_weights(p, "ema") if p.is_dir() else load_file(str(p))
     own = module.state_dict()
     # Named shape/key differences first: load_state_dict's own message is one line per tensor.
     wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in sd and sd[k].shape != v.shape]
     missing, extra = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     if wrong or missing or extra:
-        raise ValueError(f"--init-from {init_from} holds weights of another model (shape weights vs this run: "
+        raise UserError(f"--init-from {init_from} holds weights of another model (shape weights vs this run: "
                          f"{', '.join(wrong[:3]) or 'none'}; missing {missing[:3]}; unexpected {extra[:3]}): "
                          f"{_init_hint(p, cfg)}")
     _load_module_weights(module, sd, init_from)
@@ -128,7 +94,7 @@ def _load_module_weights(module: torch.nn.Module, sd: dict, where: str) -> None:
     try:
         module.load_state_dict(sd, strict=True)
     except RuntimeError as e:
-        raise ValueError(f"weights from {where} do not fit this model: {str(e).splitlines()[0]} ...; "
+        raise UserError(f"weights from {where} do not fit this model: {str(e).splitlines()[0]} ...; "
                          "check model.size / num_classes / context_dim") from None
 
 
@@ -149,19 +115,20 @@ def _setup_and_loop(cfg: RunConfig, resume: Optional[str], init_from: Optional[s
     resume = cfg.checkpoint.resume if resume is None else resume
     init_from = cfg.checkpoint.init_from if init_from is None else init_from
     run_dir = Path(cfg.run_dir)
-    cfg = resolve_data_dependent(cfg)
+    family = families.get(cfg.task)
+    cfg = family.resolve(cfg)  # data-dependent settings (K, token grid, embedding width) from the manifests
     device = D.device_for(env)
     precision = resolve_precision(cfg.deepspeed, device)  # bf16 asked for on a CPU is refused here
     run_dir_io.check_writable(run_dir)
     from vqd_scale.data.loader import build_loader
-    # Caption dropout (for classifier-free guidance) is drawn by the loader so it resumes exactly.
-    dropout = cfg.diffusion.caption_dropout if cfg.task == "vqd" else cfg.shifted.text_dropout
-    loader = build_loader(cfg.data, rank=env.rank, world_size=env.world_size, caption_dropout=dropout)
+    # Condition dropout (for classifier-free guidance) is drawn by the loader so it resumes exactly.
+    loader = build_loader(data_config(cfg.data, family.needs), rank=env.rank, world_size=env.world_size,
+                          dropout=family.dropout(cfg))
     candidates = ckpt_io.resume_candidates(run_dir, resume, quiet=not env.is_main)
     # Same seed on every rank while building: a random-init frozen text tower must be identical on all
     # ranks, and ZeRO-3 partitions each rank's own initial copy (no broadcast from rank 0).
     _seed_all(cfg.seed)
-    task = build_task(cfg, device)
+    task = family.build_task(cfg, device)
     if candidates:  # refuse another model (e.g. size) before any process group exists
         ckpt_io.check_same_model(ckpt_io.read_complete(candidates[0])["model"], task.model_config, str(candidates[0]))
         if init_from and env.is_main:

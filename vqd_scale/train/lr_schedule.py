@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 from vqd_scale.config import OptimConfig
+from vqd_scale.errors import UserError
 
 
 def lr_at(samples_seen: int, cfg: OptimConfig, total_samples: int) -> float:
@@ -26,7 +27,7 @@ def lr_at(samples_seen: int, cfg: OptimConfig, total_samples: int) -> float:
         return floor + (cfg.lr - floor) * (1.0 - frac)
     if cfg.decay == "cosine":
         return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * frac))
-    raise ValueError(f"optim.decay={cfg.decay!r} unknown; use cosine, constant or linear")
+    raise UserError(f"optim.decay={cfg.decay!r} unknown; use cosine, constant or linear")
 
 
 def set_lr(optimizer, lr: float) -> None:

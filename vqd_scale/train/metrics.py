@@ -23,7 +23,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from vqd_scale.config import LoggingConfig
-from vqd_scale.train.checkpoint import METRICS_FILE
+from vqd_scale.rundir import METRICS_FILE, read_metrics  # noqa: F401  (read_metrics: the reader's API)
 from vqd_scale.train.signals import StopFlag
 
 # Dense (no sparsity) datasheet peaks per GPU in FLOP/s: (16-bit tensor-core bf16/fp16, fp32 without TF32).
@@ -172,14 +172,3 @@ def _held_signals(redeliver: bool) -> Iterator[None]:
 
 CONSOLE_KEYS = ("loss", "vlb", "aux", "lr", "grad_norm", "clip_frac", "samples_per_s", "tokens_per_s", "data_wait",
                 "peak_mem_mb", "mfu", "hfu")
-
-
-def read_metrics(run_dir: str | os.PathLike) -> dict[int, dict]:
-    """metrics.jsonl → {step: record}; a step logged twice (replayed after resume) keeps its last record."""
-    out: dict[int, dict] = {}
-    with open(Path(run_dir) / METRICS_FILE) as f:
-        for line in f:
-            if line.strip():
-                rec = json.loads(line)
-                out[rec["step"]] = rec
-    return out

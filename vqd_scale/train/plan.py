@@ -26,7 +26,9 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-from vqd_scale.config import RunConfig, TransformerConfig
+from vqd_scale.config import TransformerConfig
+from vqd_scale.families import RunConfig
+from vqd_scale.errors import UserError
 
 GiB = 2**30
 PERSISTENCE_THRESHOLD = 100_000  # DeepSpeed's stage3_param_persistence_threshold default (elements)
@@ -67,7 +69,7 @@ def text_dims(text_model: str, tiny_width: int = 64, tiny_layers: int = 2) -> tu
     from vqd_scale.compat import import_open_clip
     conf = import_open_clip().get_model_config(text_model)
     if conf is None:
-        raise ValueError(f"text.model={text_model!r} is not an open_clip model name")
+        raise UserError(f"text.model={text_model!r} is not an open_clip model name")
     t = conf["text_cfg"]
     return t["width"], t["layers"], t.get("vocab_size", 49408), conf["embed_dim"]
 
@@ -109,7 +111,7 @@ def traced_step_bytes(model_cfg: TransformerConfig, batch: int, precision: str, 
 
     from vqd_scale.config import DiscreteDiffusionConfig
     from vqd_scale.diffusion.discrete import MaskAndReplace
-    from vqd_scale.tasks.vqd import TrainableVQD
+    from vqd_scale.families.vqd.task import TrainableVQD
 
     meta = torch.device("meta")
     model = TrainableVQD(dataclasses.replace(model_cfg, dropout=0.0)).to(meta).to(_dtype(precision)).train()
@@ -124,7 +126,7 @@ def traced_step_bytes(model_cfg: TransformerConfig, batch: int, precision: str, 
                             module="torch.distributed._tools.mem_tracker")  # None outputs of some ops
     B, N = batch, model_cfg.height * model_cfg.width
     with tracker, mock.patch.object(F, "scaled_dot_product_attention", _fused_sdpa):
-        # What tasks/vqd.py's loss does with a batch (the text features arrive in fp32).
+        # What families/vqd/task.py's loss does with a batch (the text features arrive in fp32).
         x0 = torch.empty(B, N, dtype=torch.long, device=meta)
         t = torch.empty(B, dtype=torch.long, device=meta)
         context = torch.empty(B, model_cfg.context_len, model_cfg.context_dim, device=meta)
@@ -165,8 +167,9 @@ class Memory:
 
 def memory_per_rank(cfg: RunConfig, world: int, precision: str, device_type: str = "cuda") -> Memory:
     """Peak bytes per rank of a training step of `cfg` on `world` data-parallel ranks."""
-    if cfg.task != "vqd":
-        raise ValueError("the planner covers task=vqd (the VQ-Diffusion transformer) only")
+    from vqd_scale import families
+    if families.get(cfg.task).sections.get("model") is not TransformerConfig:
+        raise UserError(f"the planner covers families whose model is the VQ-Diffusion transformer, not task={cfg.task}")
     ds, N = cfg.deepspeed, world
     numels = param_numels(cfg.model)
     psi = sum(numels)
@@ -244,8 +247,8 @@ def plan(cfg: RunConfig, gpus_per_node: int, nodes: int, gpu_gib: float, peak_fl
     `util` is the assumed fraction of `peak_flops` achieved on the FLOPs that run (HFU): activation
     checkpointing's recompute then costs time, and the MFU it implies is util × model / hardware FLOPs.
     """
-    from vqd_scale.models.transformer import resolve_size
     from vqd_scale.models.flops import text_tower_flops, vqd_flops
+    from vqd_scale.models.transformer import resolve_size
 
     world = gpus_per_node * nodes
     mem = memory_per_rank(cfg, world, precision, "cuda")

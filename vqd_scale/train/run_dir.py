@@ -11,9 +11,11 @@ from typing import Optional
 import torch
 from safetensors.torch import save as save_safetensors
 
-from vqd_scale.config import RunConfig, save_config
+from vqd_scale import distributed as D
+from vqd_scale.config import save_config
+from vqd_scale.families import RunConfig
+from vqd_scale.errors import UserError
 from vqd_scale.train import checkpoint as ckpt_io
-from vqd_scale.train import distributed as D
 from vqd_scale.train import run_lock
 from vqd_scale.train.checkpoint import DONE_FILE, TEXT_FILE
 from vqd_scale.train.disk_space import SKIP_SPACE_CHECK_ENV, no_space_message, out_of_space, space_problem
@@ -27,7 +29,7 @@ def check_writable(run_dir: Path) -> None:
         where = where.parent
     if not where.is_dir() or not os.access(where, os.W_OK | os.X_OK):
         why = "Not a directory" if not where.is_dir() else "Permission denied"
-        raise ValueError(f"run_dir {run_dir} cannot be written ({why}: {where}); choose a directory this job "
+        raise UserError(f"run_dir {run_dir} cannot be written ({why}: {where}); choose a directory this job "
                          "may create files in")
 
 

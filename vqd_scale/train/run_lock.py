@@ -26,13 +26,14 @@ import warnings
 from pathlib import Path
 from typing import Iterator, Optional
 
+from vqd_scale.errors import UserError
 from vqd_scale.train.checkpoint import LOCK_FILE
 
 _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)  # filesystems without (coherent) POSIX locks
 _HELD: dict[tuple[int, int], Path] = {}  # (device, inode) of lock files this process holds
 
 
-class RunDirLocked(ValueError):
+class RunDirLocked(UserError):
     """Another training job writes this run directory; the message names it."""
 
 

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 
 from vqd_scale.config import ShiftedDiffusionConfig
 from vqd_scale.diffusion.shifted import ShiftedGaussianDiffusion
+from vqd_scale.errors import UserError
 from vqd_scale.models.prior import PriorModel
-from vqd_scale.tasks.prior import sample_embeddings
+from vqd_scale.families.prior.task import sample_embeddings
 
 
 @torch.no_grad()
@@ -24,7 +25,7 @@ def prior_metrics(model: PriorModel, shifted_cfg: ShiftedDiffusionConfig, image_
                   seed: int = 0, guidance_scale: Optional[float] = None) -> dict[str, float]:
     """{"prior/<metric>@<steps>": value}; key names as DALLE2-pytorch / `eval.metrics` (sim_pred_image, …)."""
     if len(image_emb) < 2:
-        raise ValueError("prior metrics need a batch of >= 2 pairs (the control rolls the batch)")
+        raise UserError("prior metrics need a batch of >= 2 pairs (the control rolls the batch)")
     device = next(model.parameters()).device
     diffusion = ShiftedGaussianDiffusion(shifted_cfg).to(device)
     g_scale = shifted_cfg.guidance_scale if guidance_scale is None else guidance_scale
@@ -53,7 +54,7 @@ def prior_metrics_from_batch(model: PriorModel, text_encoder, shifted_cfg: Shift
                              steps: Sequence[int] = (8, 64), seed: int = 0) -> dict[str, float]:
     """`prior_metrics` on a loader batch: context from the frozen text tower, text_emb stored or computed."""
     if batch.get("image_emb") is None:
-        raise ValueError("prior metrics need image_emb in the batch; extract the held-out shards with --clip-model "
+        raise UserError("prior metrics need image_emb in the batch; extract the held-out shards with --clip-model "
                          "and set data.with_embeddings=true")
     device = next(model.parameters()).device
     tokens = batch["text_tokens"].to(device).long()

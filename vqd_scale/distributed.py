@@ -17,6 +17,8 @@ from typing import Mapping, Optional
 import torch
 import torch.distributed as dist
 
+from vqd_scale.errors import UserError
+
 DEFAULT_PORT = 29500
 # SLURM jobs without MASTER_PORT: a port per job id, below Linux's default ephemeral range (32768+), so
 # an outgoing connection never holds it; slurm/common.sh derives the same one.
@@ -62,7 +64,7 @@ def _int(env: Mapping[str, str], key: str) -> int:
     try:
         return int(env[key])
     except ValueError:
-        raise ValueError(f"environment variable {key}={env[key]!r} is not an integer") from None
+        raise UserError(f"environment variable {key}={env[key]!r} is not an integer") from None
 
 
 def free_port(addr: str = "127.0.0.1") -> int:
@@ -75,7 +77,7 @@ def free_port(addr: str = "127.0.0.1") -> int:
 def _port(env: Mapping[str, str]) -> int:
     port = _int(env, "MASTER_PORT")
     if not 1 <= port <= 65535:
-        raise ValueError(f"environment variable MASTER_PORT={port} is not a TCP port; use 1-65535 or unset it")
+        raise UserError(f"environment variable MASTER_PORT={port} is not a TCP port; use 1-65535 or unset it")
     return port
 
 
@@ -104,7 +106,7 @@ def detect_env(env: Optional[Mapping[str, str]] = None) -> DistEnv:
     default_port = slurm_job_port(int(job)) if job.isdigit() else DEFAULT_PORT
     port = _port(env) if env.get("MASTER_PORT") else default_port
     if not (0 <= rank < world):
-        raise ValueError(f"rank {rank} is outside world size {world}; check the launcher's environment")
+        raise UserError(f"rank {rank} is outside world size {world}; check the launcher's environment")
     return DistEnv(rank, local, world, addr, port, launcher)
 
 
@@ -116,12 +118,12 @@ def gpu_index(local_rank: int, device_count: int) -> int:
     while SLURM_LOCALID still counts 0..7 — asking for device `local_rank` would fail on ranks 1..7.
     """
     if device_count < 1:
-        raise ValueError("no CUDA device is visible to this process (CUDA_VISIBLE_DEVICES?)")
+        raise UserError("no CUDA device is visible to this process (CUDA_VISIBLE_DEVICES?)")
     if local_rank < device_count:
         return local_rank
     if device_count == 1:
         return 0
-    raise ValueError(f"local rank {local_rank} but this process sees only {device_count} GPUs: run at most one "
+    raise UserError(f"local rank {local_rank} but this process sees only {device_count} GPUs: run at most one "
                      "task per GPU (srun --ntasks-per-node <= GPUs per node, or --gpus-per-task=1)")
 
 

@@ -14,8 +14,9 @@ from typing import Optional
 import torch
 
 from vqd_scale.config import PriorConfig, ShiftedDiffusionConfig, TextEncoderConfig
-from vqd_scale.diffusion.shifted import ShiftedGaussianDiffusion
 from vqd_scale.data.clusters import load_clusters
+from vqd_scale.diffusion.shifted import ShiftedGaussianDiffusion
+from vqd_scale.errors import UserError
 from vqd_scale.models.flops import frozen_text_flops, prior_flops
 from vqd_scale.models.prior import PriorModel, resolve_prior_size
 
@@ -65,12 +66,12 @@ class PriorTask:
         from vqd_scale.models.text import FrozenCLIPTextEncoder
 
         if shifted_cfg.shifted and shifted_cfg.clusters is None:
-            raise ValueError("shifted.shifted=true needs shifted.clusters (a .safetensors from "
+            raise UserError("shifted.shifted=true needs shifted.clusters (a .safetensors from "
                              "tools/fit_prior_clusters.py); or set shifted.shifted=false for the plain-DDPM baseline")
         self.device, self.cfg, self.shifted_cfg = device, prior_cfg, shifted_cfg
         self.text = (text_encoder or FrozenCLIPTextEncoder(text_cfg)).to(device).eval().requires_grad_(False)
         if self.text.width != prior_cfg.context_dim:
-            raise ValueError(f"prior.context_dim={prior_cfg.context_dim} but the text tower's width is "
+            raise UserError(f"prior.context_dim={prior_cfg.context_dim} but the text tower's width is "
                              f"{self.text.width}; set prior.context_dim={self.text.width}")
         self.module = TrainablePrior(prior_cfg, shifted_cfg)
         if shifted_cfg.clusters is not None:
@@ -98,11 +99,11 @@ class PriorTask:
     def loss(self, module, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         """Mean P2-weighted z_0 MSE (+ mixture losses) over the batch, plus metrics."""
         if batch.get("image_emb") is None:
-            raise ValueError("the prior trains on CLIP image embeddings but the batch has no image_emb; "
+            raise UserError("the prior trains on CLIP image embeddings but the batch has no image_emb; "
                              "set data.with_embeddings=true and extract the shards with --clip-model")
         z0 = batch["image_emb"].to(self.device, non_blocking=True).float()
         if z0.shape[1] != self.cfg.embed_dim:
-            raise ValueError(f"image embeddings are {z0.shape[1]}-d but prior.embed_dim={self.cfg.embed_dim}")
+            raise UserError(f"image embeddings are {z0.shape[1]}-d but prior.embed_dim={self.cfg.embed_dim}")
         context, text_emb = self.text_inputs(batch)
         B = z0.shape[0]
         t = self.diffusion.sample_t(B, self.device, generator)
@@ -152,8 +153,3 @@ def sample_embeddings(model: PriorModel, diffusion: ShiftedGaussianDiffusion, te
 
     z = diffusion.sample(denoise, mu_s, scale, steps, generator, guidance_scale, bounds)
     return torch.nn.functional.normalize(z, dim=-1)
-
-
-def build(cfg, device: torch.device) -> PriorTask:
-    """PriorTask from a RunConfig's prior, shifted and text sections."""
-    return PriorTask(cfg.prior, cfg.shifted, cfg.text, device)

@@ -78,8 +78,3 @@ class VQDTask:
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state["importance_sampler"])
-
-
-def build(cfg, device: torch.device) -> VQDTask:
-    """VQDTask from a RunConfig's text, model and diffusion sections."""
-    return VQDTask(cfg.model, cfg.diffusion, cfg.text, device)
