@@ -6,7 +6,8 @@ Each training variant is the demo's real pipeline (`tools/demo.py`: synthetic sh
 tokenizer → vqd-extract → `vqd-train configs/tiny.yaml` + the demo recipe) from the same seed and
 sample budget, with one setting changed. For each it prints the held-out VLB (nats per image token,
 all T terms: what the training loss estimates) and the attribute accuracy of 256 samples for held-out
-captions (colour / shape / position / count / all), with the default sampler (50 steps, guidance 3).
+captions (colour / shape / position / count / all), with the demo's sampler (50 steps, guidance 1,
+truncation 0.7).
 The `base` run is then sampled with other sampler settings (steps, guidance, purity, truncation).
 Not a timed test: quality only; figures go to docs/results.md with the commit.
 """
@@ -29,15 +30,25 @@ VARIANTS: dict[str, list[str]] = {
     "uniform_t": ["diffusion.importance_sampling=false"],
     "mask_and_replace": ["diffusion.preset=paper"],
 }
-SAMPLERS: dict[str, dict] = {
-    "25 steps, g3": dict(steps=25),
-    "50 steps, g3": dict(steps=50),
-    "100 steps, g3": dict(steps=100),
-    "50 steps, g1": dict(steps=50, guidance_scale=1.0),
-    "50 steps, g5": dict(steps=50, guidance_scale=5.0),
-    "50 steps, g3, purity": dict(steps=50, purity=True),
-    "50 steps, g3, trunc 0.86": dict(steps=50, truncation_rate=0.86),
-}
+# Sampler settings the base run is sampled with: changes from demo.SAMPLER (50 steps, guidance 1, truncation 0.7).
+SAMPLER_CHANGES: list[dict] = [
+    {}, dict(steps=25), dict(steps=100),
+    dict(guidance_scale=3.0), dict(guidance_scale=5.0),
+    dict(truncation_rate=1.0), dict(truncation_rate=0.86), dict(truncation_rate=0.5),
+    dict(guidance_scale=3.0, truncation_rate=1.0), dict(guidance_scale=3.0, truncation_rate=1.0, purity=True),
+    dict(purity=True),
+]
+
+
+def label(change: dict) -> str:
+    """'50 steps, g1, r0.7[, purity]' for demo.SAMPLER with `change` applied."""
+    s = {**demo.SAMPLER, **change}
+    return (f"{s['steps']} steps, g{s['guidance_scale']:g}, r{s['truncation_rate']:g}"
+            + (", purity" if s.get("purity") else ""))
+
+
+SAMPLERS: dict[str, dict] = {label(c): c for c in SAMPLER_CHANGES}
+DEFAULT = label({})
 
 
 def evaluate(run_dir: Path, data: Path, samplers: dict[str, dict], seed: int) -> dict:
@@ -95,16 +106,16 @@ def main(argv=None) -> int:
         list(pool.map(run, a.variants))
     results = {}
     for name in a.variants:
-        samplers = SAMPLERS if name == "base" and not a.quick else {"50 steps, g3": {}}
+        samplers = SAMPLERS if name == "base" and not a.quick else {DEFAULT: {}}
         results[name] = evaluate(out / f"{name}{a.tag}", data, samplers, a.seed)
         (out / f"{name}{a.tag}" / "quality.json").write_text(json.dumps(results[name], indent=1))
-    chance = next(iter(results.values()))["samplers"]["50 steps, g3"]["chance"]
+    chance = next(iter(results.values()))["samplers"][DEFAULT]["chance"]
     head = ("| {} | held-out VLB (nats/token) | colour | shape | position | count | all | clipped steps | "
             "median grad norm |\n|---|---|---|---|---|---|---|---|---|")
-    print(f"\n## Training settings ({a.max_samples} samples, seed {a.seed}; sampler 50 steps, guidance 3)\n")
+    print(f"\n## Training settings ({a.max_samples} samples, seed {a.seed}; sampler {DEFAULT})\n")
     print(head.format("variant"))
     for name, r in results.items():
-        print(row(name, r, "50 steps, g3"))
+        print(row(name, r, DEFAULT))
     print(f"\nchance (shuffled captions, base): all {chance['all']:.2f}, colour {chance['color']:.2f}")
     if "base" in results and not a.quick:
         print("\n## Sampler settings (base run)\n")
