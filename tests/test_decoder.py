@@ -99,11 +99,13 @@ def write_shard(path, n, captioned, emb_dim=8, start=0):
     with schema.tar_writer(path) as sink:
         for i in range(n):
             cap = f"caption {start + i}" if captioned(i) else None
-            sink.write(schema.encode_record(f"{start + i:06d}", rng.integers(0, K, (4, 4)), rng.integers(0, 999, 77), cap,
-                                            {"tokenizer_id": "t"}, rng.standard_normal(emb_dim), rng.standard_normal(emb_dim)))
+            sink.write(schema.encode_record(f"{start + i:06d}", rng.integers(0, K, (4, 4)), rng.integers(0, 999, 77),
+                                            cap, {"tokenizer_id": "t"}, rng.standard_normal(emb_dim),
+                                            rng.standard_normal(emb_dim)))
     bare = sum(not captioned(i) for i in range(n))
-    schema.write_json_atomic(schema.done_marker_path(path), {"output": path.name, "written": n, "uncaptioned": bare,
-                                                             "tokenizer_id": "t", "num_classes": K, "token_shape": [4, 4]})
+    schema.write_json_atomic(schema.done_marker_path(path), {
+        "output": path.name, "written": n, "uncaptioned": bare, "tokenizer_id": "t", "num_classes": K,
+        "token_shape": [4, 4]})
     schema.write_json_atomic(path.parent / schema.MANIFEST, {
         "format": schema.FORMAT, "tokenizer_id": "t", "num_classes": K, "token_shape": [4, 4], "context_length": 77,
         "embed_dim": emb_dim, "shards": [{"name": path.name, "count": n}],
@@ -168,9 +170,9 @@ def test_extract_keep_uncaptioned_counts_them_apart(tmp_path):
             sink.write(r)
 
     def extract(out, keep):
-        return run_extract(ExtractConfig(inputs=str(shard), out_dir=str(tmp_path / out), tokenizer=str(tmp_path / "tok"),
-                                         resolution=16, source="syn", batch_size=4, progress=False, min_size=0,
-                                         keep_uncaptioned=keep))
+        return run_extract(ExtractConfig(inputs=str(shard), out_dir=str(tmp_path / out),
+                                         tokenizer=str(tmp_path / "tok"), resolution=16, source="syn", batch_size=4,
+                                         progress=False, min_size=0, keep_uncaptioned=keep))
     m = extract("skip", False)
     assert m["totals"] == {"written": 4, "skipped_missing_caption": 2}
     m = extract("keep", True)
@@ -179,7 +181,8 @@ def test_extract_keep_uncaptioned_counts_them_apart(tmp_path):
     assert (marker["written"], marker["uncaptioned"]) == (6, 2)
     out = {r["__key__"]: r for r in wds.WebDataset(str(tmp_path / "keep" / "00000.tar"), shardshuffle=False)}
     bare = [k for k, r in out.items() if "txt.tok.npy" not in r]
-    assert len(bare) == 2 and all("txt" not in out[k] and json.loads(out[k]["json"])["captioned"] is False for k in bare)
+    assert len(bare) == 2
+    assert all("txt" not in out[k] and json.loads(out[k]["json"])["captioned"] is False for k in bare)
 
 
 def test_registry_line_and_config_checks():
