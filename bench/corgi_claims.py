@@ -7,7 +7,7 @@ CLIP tower: its image embedding is a fixed random function of the image, its tex
 once fully captioned and once with 90 % of the captions removed (`--keep-uncaptioned`: the prior trains on the
 10 % left, the decoder on every image). Runs, every one the real `vqd-train` with the demo recipe's sizes:
   vqd          text-conditioned VQ-Diffusion, `--samples`
-  decoder      language-free decoder, `--samples` (equal budget to vqd)
+  decoder      language-free decoder, `--samples` (equal budget to vqd), embeddings standardised (embed_stats)
   decoder_a25  the same with embedding perturbation α = 0.25
   prior        shifted prior on all captions, `--prior-samples` (mixture: k-means, k = 8)
   prior_ddpm   the DDPM-baseline prior (shifted.shifted=false), same budget
@@ -101,7 +101,8 @@ def score(out: Path, runs: Path) -> dict:
     cos = {}
     for dec in ("decoder", "decoder_a25"):
         _, d = load_sampler(runs / dec)
-        rows[f"{dec} (true emb)"] = acc(d.tokens_from_embeddings(true_emb, None, sampler, torch.Generator().manual_seed(0)))
+        ids = d.tokens_from_embeddings(true_emb, None, sampler, torch.Generator().manual_seed(0))
+        rows[f"{dec} (true emb)"] = acc(ids)
         for prior in ("prior", "prior_ddpm", "prior_10pct"):
             _, p = load_sampler(runs / prior)
             emb = p.embeddings_from_text(p.text.tokenize(held.captions), text_emb, torch.Generator().manual_seed(1))
@@ -123,17 +124,19 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     prepare(out, a.per_shard)
-    clusters = out / "clusters.safetensors"
-    if not clusters.exists():
-        demo.sh(sys.executable, "tools/fit_prior_clusters.py", "--shards",
-                f"{out}/tok_all/{{00000..{demo.SHARDS - 1:05d}}}.tar", "--manifest", str(out / "tok_all/manifest.json"),
-                "--k", "8", "--out", str(clusters), quiet=True)
+    clusters, stats = out / "clusters.safetensors", out / "embed_stats.safetensors"
+    for path, k in ((clusters, 8), (stats, 1)):  # the prior's mixture; the decoder's standardisation
+        if not path.exists():
+            demo.sh(sys.executable, "tools/fit_prior_clusters.py", "--shards",
+                    f"{out}/tok_all/{{00000..{demo.SHARDS - 1:05d}}}.tar", "--manifest",
+                    str(out / "tok_all/manifest.json"), "--k", str(k), "--out", str(path), quiet=True)
     runs, cfgs = out / "runs", REPO / "configs"
     hw = [f"model.height={demo.RES // demo.PATCH}", f"model.width={demo.RES // demo.PATCH}"]
     train(str(cfgs / "tiny.yaml"), out / "tok_all", runs / "vqd", a.samples, demo.RECIPE)
-    train(str(cfgs / "tiny_decoder.yaml"), out / "tok_all", runs / "decoder", a.samples, SIZES + hw)
+    dec = SIZES + hw + [f"decoder.embed_stats={stats}"]
+    train(str(cfgs / "tiny_decoder.yaml"), out / "tok_all", runs / "decoder", a.samples, dec)
     train(str(cfgs / "tiny_decoder.yaml"), out / "tok_all", runs / "decoder_a25", a.samples,
-          SIZES + hw + ["decoder.perturb_alpha=0.25"])
+          dec + ["decoder.perturb_alpha=0.25"])
     prior = [f"shifted.clusters={clusters}", *PRIOR]
     train(str(cfgs / "tiny_prior.yaml"), out / "tok_all", runs / "prior", a.prior_samples, prior)
     train(str(cfgs / "tiny_prior.yaml"), out / "tok_all", runs / "prior_ddpm", a.prior_samples,
@@ -147,7 +150,8 @@ def main(argv=None) -> int:
     print(f"{'':44s} {'color':>6} {'shape':>6} {'pos':>6} {'all':>6}")
     for name, r in res["accuracy"].items():
         print(f"{name:44s} {r['color']:6.2f} {r['shape']:6.2f} {r['position']:6.2f} {r['all']:6.2f}")
-    print("prior cos(generated, true image emb): " + ", ".join(f"{k} {v:.3f}" for k, v in res["prior_cos_image"].items()))
+    cos = ", ".join(f"{k} {v:.3f}" for k, v in res["prior_cos_image"].items())
+    print(f"prior cos(generated, true image emb): {cos}")
     return 0
 
 

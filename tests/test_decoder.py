@@ -80,6 +80,23 @@ def test_dropped_rows_see_the_learned_null_embedding_and_null_text():
     assert "null_context" not in model(with_text=False).state_dict()
 
 
+@torch.no_grad()
+def test_embedding_stats_standardise_before_both_paths_and_travel_in_the_weights():
+    x, t = inputs()
+    common = unit(E, seed=9)  # embeddings sharing one direction (cos ≈ 0.99), as a random tiny CLIP's do
+    e = F.normalize(common + 0.05 * unit(3, E, seed=3), dim=-1)
+    mean, std = e.mean(0), e.std(0) + 1e-3
+    m, plain = model(), model()
+    m.load_embed_stats(mean, std)
+    z = (e - mean) / (std * E ** 0.5)
+    assert torch.allclose(m(x, t, image_emb=e), plain(x, t, image_emb=z), atol=1e-6)  # the same net on z
+    assert torch.equal(plain.standardise(e), e)  # identity until stats are loaded
+    again = model()
+    again.load_state_dict(m.state_dict())  # strict: a checkpoint carries the stats
+    assert torch.equal(again(x, t, image_emb=e), m(x, t, image_emb=e))
+    assert not m.embed_mean.requires_grad and not m.embed_std.requires_grad
+
+
 @pytest.mark.parametrize("alpha,cos", [(0.25, 0.970), (0.5, 0.894), (3.0, 0.316)])
 def test_perturbation_keeps_unit_norm_at_the_angle_alpha_sets(alpha, cos):
     e = unit(4096, 512)

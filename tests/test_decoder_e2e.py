@@ -69,14 +69,19 @@ def world(tmp_path_factory):
                                   tokenizer=str(root / "tok"), resolution=RES, source="syn", batch_size=16,
                                   progress=False, min_size=0, keep_uncaptioned=True), clip)
     assert m["totals"] == {"written": 48, "uncaptioned": 8} and m["embed_dim"] == 32
-    # the decoder: real vqd-train, language-free, on captioned and image-only records alike
+    # the decoder: real vqd-train, language-free, on captioned and image-only records alike, standardising the
+    # embeddings by the training data's mean / std (a one-component fit)
     run = root / "decoder"
     shards = f"{data}/{{00000..00001}}.tar"
+    stats = root / "embed_stats.safetensors"
+    fit_prior_clusters.main(["--shards", shards, "--manifest", str(data / "manifest.json"), "--k", "1",
+                             "--out", str(stats)])
     r = subprocess.run([sys.executable, "-m", "vqd_scale.cli.train", str(REPO / "configs" / "tiny_decoder.yaml"),
                         f"run_dir={run}", f'data.sources=[{{name: syn, shards: "{shards}"}}]',
                         f"data.manifest={data}/manifest.json", "model.height=4", "model.width=4",
                         f"data.batch_size={BATCH}", f"max_samples={STEPS * BATCH}", "checkpoint.every_steps=3",
-                        "logging.every_steps=1", "logging.wandb_mode=disabled", "--resume", "auto"],
+                        "logging.every_steps=1", "logging.wandb_mode=disabled", f"decoder.embed_stats={stats}",
+                        "--resume", "auto"],
                        capture_output=True, text=True, timeout=600, cwd=REPO, env=_env())
     assert r.returncode == 0, r.stderr[-4000:]
     # the prior: a complete run directory around an untrained prior whose mixture is fitted on the shards
@@ -109,6 +114,12 @@ def test_decoder_trains_on_image_only_records(world):
     frac = np.mean([m[s]["captioned_frac"] for s in m])
     assert 0.55 < frac < 0.95, frac  # a quarter of the training records are image-only, and they are used
     assert not (run / "text_encoder.safetensors").exists()  # language-free: no text tower at all
+    from vqd_scale.data.clusters import load_clusters
+    from vqd_scale.rundir import load_weights
+    ema = load_weights(run / "checkpoints" / f"step_{STEPS:08d}", "ema")
+    fitted = load_clusters(world["root"] / "embed_stats.safetensors")
+    assert torch.allclose(ema["embed_mean"], fitted["means"][0].float())  # the stats travel in the weights
+    assert torch.allclose(ema["embed_std"], fitted["stds"][0].float() * 32 ** 0.5)
 
 
 def test_sample_chain_and_variations_write_images(world, tmp_path, capsys):

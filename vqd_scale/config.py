@@ -103,6 +103,9 @@ class DecoderConfig:
     drop_text: float = 0.5  # per-sample caption dropout (unCLIP 0.5, Karlo 0.3); uncaptioned images always drop
     perturb_alpha: float = 0.0  # training-time e' = normalize(e + α·ε/‖ε‖) (CLIP-VQDiffusion 0.25/0.5); 0 = off
     guidance_drops: str = "both"  # which conditions CFG's unconditional branch nulls: image | text | both
+    # .safetensors of tools/fit_prior_clusters.py --k 1 (the embeddings' mean and per-dim std): e is standardised
+    # by them before the projections (their common direction removed); None = e as stored
+    embed_stats: Optional[str] = None
 
 
 @dataclass

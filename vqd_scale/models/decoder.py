@@ -49,12 +49,31 @@ class ImageConditionedTransformer(VQDiffusionTransformer):
         E, n, Dc = dcfg.embed_dim, dcfg.image_tokens, cfg.context_dim
         self.image_to_tokens = nn.Linear(E, n * Dc)
         self.image_to_time = nn.Linear(E, self.size.dim)
-        # learned null embedding for CFG, on the unit sphere like the stored embeddings it replaces
+        # learned null embedding for CFG, on the unit sphere like the (standardised) embeddings it replaces
         self.null_image = nn.Parameter(F.normalize(torch.randn(E), dim=0))
+        # the data's embedding mean and per-dim std (identity until `load_embed_stats`): frozen Parameters, not
+        # buffers, so the EMA weights and every checkpoint carry them (as the prior's mixture)
+        self.embed_mean = nn.Parameter(torch.zeros(E), requires_grad=False)
+        self.embed_std = nn.Parameter(torch.ones(E), requires_grad=False)
         for m in (self.image_to_tokens, self.image_to_time):
             self._init_weights(m)
         if not dcfg.with_text:
             self.null_context = None  # no text path: an unused parameter would only confuse ZeRO and the EMA
+
+    @torch.no_grad()
+    def load_embed_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Standardise embeddings by the data's mean and per-dim std [E] (decoder.embed_stats)."""
+        E = self.dcfg.embed_dim
+        if mean.shape != (E,) or std.shape != (E,) or not (std > 0).all():
+            raise ValueError(f"embedding stats must be mean/std [{E}] with std > 0, got "
+                             f"{tuple(mean.shape)}/{tuple(std.shape)}")
+        self.embed_mean.copy_(mean)
+        self.embed_std.copy_(std * E ** 0.5)  # rows of norm ≈ 1, the scale of the unit embeddings and the null
+
+    def standardise(self, e: torch.Tensor) -> torch.Tensor:
+        """(e − mean)/(std·√E): unit-scale rows whatever the data's common direction (a random tiny CLIP's
+        embeddings share one to cos ≈ 0.998, so raw they differ by a few % of their norm); identity by default."""
+        return (e - self.embed_mean.to(e.dtype)) / self.embed_std.to(e.dtype)
 
     def condition(self, image_emb: torch.Tensor, context: Optional[torch.Tensor] = None,
                   drop_image: Optional[torch.Tensor] = None, drop_text: Optional[torch.Tensor] = None) -> Condition:
@@ -64,7 +83,7 @@ class ImageConditionedTransformer(VQDiffusionTransformer):
             raise ValueError(f"image_emb must be [B, {self.dcfg.embed_dim}] (decoder.embed_dim), "
                              f"got {tuple(image_emb.shape)}")
         dtype = self.image_to_tokens.weight.dtype
-        e = image_emb.to(dtype)
+        e = self.standardise(image_emb.to(dtype))
         if drop_image is not None:
             e = torch.where(drop_image.view(-1, 1), self.null_image.to(dtype).expand_as(e), e)
         rows = self.image_to_tokens(e).view(B, self.dcfg.image_tokens, -1)  # [B, n, Dc]

@@ -42,7 +42,9 @@ class DecoderEvaluator:
         self.cfg, self.r, self.heldout = cfg, ranks, heldout
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)  # as vqd-train builds it: a random-init text tower comes out the same
-            self.task = DecoderTask(cfg.model, cfg.diffusion, cfg.decoder, cfg.text, ranks.device)
+            # the checkpoint carries the embedding stats: the file may be gone or refit since training
+            self.task = DecoderTask(cfg.model, cfg.diffusion, dataclasses.replace(cfg.decoder, embed_stats=None),
+                                    cfg.text, ranks.device)
         self.module, self.model_config, self.text = self.task.module, self.task.model_config, self.task.text
         self.autocast = torch.bfloat16 if ranks.device.type == "cuda" else None
         check_heldout_embeddings(cfg, heldout, cfg.decoder.embed_dim, "decoder.embed_dim")

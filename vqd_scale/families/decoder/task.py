@@ -36,6 +36,13 @@ class DecoderTask(VQDTask):
                 raise UserError(f"model.context_dim={model_cfg.context_dim} but the text tower's width is "
                                 f"{self.text.width}; set model.context_dim={self.text.width}")
         self.module = ImageConditionedTransformer(model_cfg, dcfg)
+        if dcfg.embed_stats:  # the checkpoint carries them from here on (frozen parameters): read once, at training
+            from vqd_scale.data.clusters import load_clusters
+            stats = load_clusters(dcfg.embed_stats)
+            if stats["means"].shape[0] != 1:
+                raise UserError(f"decoder.embed_stats={dcfg.embed_stats} holds {stats['means'].shape[0]} components; "
+                                "fit it with tools/fit_prior_clusters.py --k 1 (the data's mean and per-dim std)")
+            self.module.load_embed_stats(stats["means"][0].float(), stats["stds"][0].float())
         self.model_config = model_config(model_cfg, dcfg)
         self.diffusion = MaskAndReplace(diffusion_cfg, model_cfg.num_classes).to(device)
         self.sampler = ImportanceSampler(diffusion_cfg.num_timesteps, diffusion_cfg)
