@@ -97,12 +97,15 @@ def score(out: Path, runs: Path) -> dict:
     rows = {"real images through the tokenizer": attribute_accuracy(held.captions, tok.decode(tok.encode(
         to_unit(held.images))))}
     _, vqd = load_sampler(runs / "vqd")
-    rows["vqd (text-conditioned)"] = sample_accuracy(vqd.model, vqd.text, vqd.diffusion, tok, held, sampler)["samples"]
+    res = sample_accuracy(vqd.model, vqd.text, vqd.diffusion, tok, held, sampler)
+    rows["vqd (text-conditioned)"], rows["vqd, shuffled captions (chance)"] = res["samples"], res["chance"]
+    shuffled = held.captions[1:] + held.captions[:1]  # each image scored against another sample's caption
     cos = {}
     for dec in ("decoder", "decoder_a25"):
         _, d = load_sampler(runs / dec)
         ids = d.tokens_from_embeddings(true_emb, None, sampler, torch.Generator().manual_seed(0))
         rows[f"{dec} (true emb)"] = acc(ids)
+        rows[f"{dec} (true emb), shuffled captions (chance)"] = attribute_accuracy(shuffled, grid(ids))
         for prior in ("prior", "prior_ddpm", "prior_10pct"):
             _, p = load_sampler(runs / prior)
             emb = p.embeddings_from_text(p.text.tokenize(held.captions), text_emb, torch.Generator().manual_seed(1))
