@@ -15,7 +15,7 @@ ZERO_OK = {
     "data.shuffle_buffer", "optim.weight_decay", "optim.grad_clip", "optim.warmup_samples", "optim.min_lr_ratio",
     "optim.ema_decay", "deepspeed.zero_stage", "checkpoint.milestone_every", "eval.idle_timeout",
     "eval.sampler.guidance_scale", "eval.sampler.purity_temperature", "shifted.text_dropout",
-    "shifted.guidance_scale",
+    "shifted.guidance_scale", "decoder.drop_image", "decoder.drop_text", "decoder.perturb_alpha",
 }
 
 

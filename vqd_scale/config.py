@@ -94,6 +94,21 @@ class PriorConfig:
 
 
 @dataclass
+class DecoderConfig:
+    """Corgi decoder: how a CLIP image embedding (and optionally text) conditions the VQ-Diffusion transformer."""
+    embed_dim: int = 32  # CLIP image embedding width (the shards' img.emb, the prior's output)
+    image_tokens: int = 4  # cross-attention context tokens the embedding is projected to (unCLIP / Karlo: 4)
+    with_text: bool = False  # text features beside the embedding in cross-attention (null text when dropped)
+    drop_image: float = 0.1  # per-sample replacement by the learned null embedding (CFG on the image)
+    drop_text: float = 0.5  # per-sample caption dropout (unCLIP 0.5, Karlo 0.3); uncaptioned images always drop
+    perturb_alpha: float = 0.0  # training-time e' = normalize(e + α·ε/‖ε‖) (CLIP-VQDiffusion 0.25/0.5); 0 = off
+    guidance_drops: str = "both"  # which conditions CFG's unconditional branch nulls: image | text | both
+    # .safetensors of tools/fit_prior_clusters.py --k 1 (the embeddings' mean and per-dim std): e is standardised
+    # by them before the projections (their common direction removed); None = e as stored
+    embed_stats: Optional[str] = None
+
+
+@dataclass
 class ShiftedDiffusionConfig:
     """Shifted Gaussian diffusion: linear β, mixture start N(μ_c, (κσ_c)²)."""
     num_timesteps: int = 1000
@@ -199,6 +214,7 @@ class EvalConfig:
     reference_stats: Optional[str] = None  # real-image .npz (mu, sigma); default: decoded held-out tokens
     grid_size: int = 16  # samples shown in eval/<step>.png
     prior_steps: list[int] = field(default_factory=lambda: [8, 64])
+    prior_run: Optional[str] = None  # task=decoder: a prior run dir; adds the text → prior → decoder chain (chain_*)
     poll_seconds: float = 30.0
     idle_timeout: float = 3600.0  # --watch gives up after this long without a new complete checkpoint
     lock_stale_seconds: float = 21600.0  # a claim older than this (a dead evaluator elsewhere) is retaken

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -177,3 +178,40 @@ def read_metrics(run_dir: str | os.PathLike) -> dict[int, dict]:
                 rec = json.loads(line)
                 out[rec["step"]] = rec
     return out
+
+
+class _DropMessage(logging.Filter):
+    """Drops log records whose message contains `needle`."""
+
+    def __init__(self, needle: str):
+        super().__init__()
+        self.needle = needle
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.needle not in record.getMessage()
+
+
+def load_text_tower(text_cfg, run_dir: str | os.PathLike, device: str | torch.device = "cpu"):
+    """A run's frozen text tower: `text.pretrained` weights, else the random-init tower training saved.
+
+    Without `text.pretrained`, training draws the tower at random and writes it next to the run's
+    config.yaml; a freshly drawn one would condition the model on different features, so it is refused.
+    """
+    from vqd_scale.errors import MissingInput
+    from vqd_scale.models.text import FrozenCLIPTextEncoder
+
+    if text_cfg.pretrained:
+        return FrozenCLIPTextEncoder(text_cfg).to(device).eval()
+    path = Path(run_dir) / TEXT_FILE
+    if not path.is_file():
+        raise MissingInput(f"text.pretrained is unset and {path} is missing: the model was trained with a "
+                           f"random-init text tower saved there; copy {TEXT_FILE} from the run directory "
+                           "next to the config, or set text.pretrained")
+    quiet = _DropMessage("No pretrained weights loaded")  # open_clip's "initialized randomly": not so here
+    logging.getLogger().addFilter(quiet)
+    try:
+        text = FrozenCLIPTextEncoder(text_cfg)
+    finally:
+        logging.getLogger().removeFilter(quiet)
+    text.load_state_dict(load_file(str(path)))
+    return text.to(device).eval()

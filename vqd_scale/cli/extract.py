@@ -30,6 +30,10 @@ def parse(argv=None) -> tuple[ExtractConfig, argparse.Namespace]:
     ap.add_argument("--text-tokenizer", default=d.text_tokenizer)
     ap.add_argument("--clip-model", default=None, help="open_clip model for image/text embeddings ('tiny' or a name)")
     ap.add_argument("--clip-pretrained", default=None, help="local weights for --clip-model (never a hub tag)")
+    ap.add_argument("--keep-uncaptioned", action="store_true",
+                    help="keep images without a caption as image-only records (the decoder family trains on "
+                         "them; counted as 'uncaptioned' in the done-markers and manifest); default: skipped "
+                         "as missing_caption")
     ap.add_argument("--task-index", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_ID", 0)))
     ap.add_argument("--num-tasks", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1)))
     ap.add_argument("--fail-on-invalid-shard", action="store_true",
@@ -41,6 +45,7 @@ def parse(argv=None) -> tuple[ExtractConfig, argparse.Namespace]:
                         batch_size=a.batch_size,
                         num_workers=a.num_workers, device=a.device, text_tokenizer=a.text_tokenizer,
                         clip_model=a.clip_model, clip_pretrained=a.clip_pretrained, task_index=a.task_index,
+                        keep_uncaptioned=a.keep_uncaptioned,
                         num_tasks=a.num_tasks, progress=not a.no_progress)
     return cfg, a
 
@@ -63,6 +68,9 @@ def main(argv=None) -> int:
           f"truncated={len(m['truncated_shards'])} missing={len(m['missing_inputs'])} "
           f"pending={len(m['pending_inputs'])} source={m['source']} resolution={m['resolution']} "
           f"tokenizer={m['tokenizer_id']}")
+    if m["totals"].get("uncaptioned"):
+        print(f"image-only records (no caption, kept by --keep-uncaptioned): {m['totals']['uncaptioned']} of "
+              f"{m['totals']['written']} written; caption-reading families skip them, the decoder trains on them")
     if m["num_failed_shards"]:
         logging.error("%d shard(s) had no valid sample: %s", m["num_failed_shards"], m["failed_shards"])
     if m["truncated_shards"]:

@@ -41,11 +41,13 @@ def iter_pairs(shards: str, chunk: int) -> Iterator[tuple[np.ndarray, np.ndarray
 
 
 def shards_have(shards: str, key: str) -> bool:
-    """Whether the first record of the shards holds `key` (e.g. schema.TEXT_EMB)."""
+    """Whether the first captioned record of the shards' first one holds `key` (e.g. schema.TEXT_EMB); image-only
+    records (vqd-extract --keep-uncaptioned) have no text members, so they decide nothing."""
     import webdataset as wds
 
     for rec in wds.WebDataset(_urls(shards)[:1], shardshuffle=False, empty_check=False):
-        return key in rec
+        if schema.TEXT_TOKENS in rec:
+            return key in rec
     return False
 
 
@@ -68,6 +70,8 @@ def _iter_records(shards: str, chunk: int, keys: tuple[str, ...]) -> Iterator[tu
     bufs: list[list[np.ndarray]] = [[] for _ in keys]
     ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
     for rec in ds:
+        if schema.TEXT_EMB in keys and schema.TEXT_TOKENS not in rec:
+            continue  # an image-only record has no caption to pair with
         for key, buf in zip(keys, bufs):
             if key not in rec:
                 raise UserError(f"record {rec.get('__key__')} in {rec.get('__url__')} has no {key}; re-extract the "

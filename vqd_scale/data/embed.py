@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from vqd_scale.config import TextEncoderConfig
+from vqd_scale.errors import UserError
 
 # open_clip's OPENAI_DATASET_MEAN / STD (the statistics every CLIP image tower was trained with)
 _MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -43,13 +44,32 @@ class ClipEmbedder:
             pretrained = str(path.resolve())
         return cls(clip, device, {"model": model, "pretrained": pretrained})
 
+    @classmethod
+    def from_manifest(cls, manifest: dict, device: str, where: str = "the token manifest") -> "ClipEmbedder":
+        """The CLIP model a token manifest's embeddings came from (its `embedding_model`: name + local weights)."""
+        desc = manifest.get("embedding_model") or {}
+        if not desc.get("model"):
+            raise UserError(f"{where} records no embedding_model: its shards were extracted without --clip-model")
+        from vqd_scale.models.text import build_clip
+
+        clip = build_clip(TextEncoderConfig(model=desc["model"], pretrained=desc.get("pretrained")))
+        return cls(clip, device, desc)
+
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embeddings F[B,E] of images F[B,3,H,W] in [-1,1] (any size: resized here)."""
         x = F.interpolate(images.float().to(self.device), size=self.image_size, mode="bicubic",
                           align_corners=False, antialias=True)
         x = (x + 1) / 2  # [-1,1] → [0,1], then CLIP normalisation
         mean = torch.tensor(_MEAN, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(_STD, device=self.device).view(1, 3, 1, 1)
-        img = self.clip.encode_image((x - mean) / std, normalize=True)
-        txt = self.clip.encode_text(self._tokenize(captions).to(self.device), normalize=True)
-        return img.float().cpu().numpy().astype(np.float16), txt.float().cpu().numpy().astype(np.float16)
+        return self.clip.encode_image((x - mean) / std, normalize=True).float()
+
+    @torch.no_grad()
+    def embed_texts(self, captions: list[str]) -> torch.Tensor:
+        """L2-normalised text embeddings F[B,E] of captions."""
+        return self.clip.encode_text(self._tokenize(captions).to(self.device), normalize=True).float()
+
+    def __call__(self, images: torch.Tensor, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        img, txt = self.embed_images(images), self.embed_texts(captions)
+        return img.cpu().numpy().astype(np.float16), txt.cpu().numpy().astype(np.float16)

@@ -49,6 +49,7 @@ class ExtractConfig:
     text_tokenizer: str = "ViT-B-32"  # open_clip tokenizer name (CLIP BPE, 77 tokens)
     clip_model: Optional[str] = None  # open_clip model for embeddings ("tiny" or a name); None = no embeddings
     clip_pretrained: Optional[str] = None  # local weights file for clip_model
+    keep_uncaptioned: bool = False  # keep images without a caption as image-only records (counted apart)
     task_index: int = 0  # this process handles inputs i with i % num_tasks == task_index (SLURM arrays)
     num_tasks: int = 1
     progress: bool = True
@@ -104,10 +105,11 @@ def extract_shard(cfg: ExtractConfig, input_path: str, tokenizer, tokenize, embe
     t0 = time.time()
     fingerprint = input_fingerprint(input_path)  # before reading: a file replaced meanwhile is redone next run
     skipped: Counter = Counter()
-    written = seen = lost = 0
+    written = seen = lost = uncaptioned = 0
     device = torch.device(cfg.device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    loader = torch.utils.data.DataLoader(ShardSamples(input_path, cfg.resolution, cfg.center_crop, cfg.min_size),
+    loader = torch.utils.data.DataLoader(ShardSamples(input_path, cfg.resolution, cfg.center_crop, cfg.min_size,
+                                                      cfg.keep_uncaptioned),
                                          batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                                          collate_fn=_collate, worker_init_fn=partial(_die_with_parent, os.getpid()))
     h, w = tokenizer.token_shape(cfg.resolution)
@@ -128,7 +130,7 @@ def extract_shard(cfg: ExtractConfig, input_path: str, tokenizer, tokenize, embe
                 continue
             imgs = torch.from_numpy(np.stack([r["image"] for r in good])).to(device)  # [b,R,R,3] uint8
             imgs = imgs.permute(0, 3, 1, 2).float() / 127.5 - 1  # → [b,3,R,R] in [-1,1]
-            captions = [r["caption"] for r in good]
+            captions = [r["caption"] or "" for r in good]  # "" for image-only ones: their text outputs are dropped
             with torch.no_grad(), autocast:
                 ids = tokenizer.encode(imgs).cpu().numpy()  # [b,h,w]
                 emb = embedder(imgs, captions) if embedder is not None else None
@@ -137,12 +139,15 @@ def extract_shard(cfg: ExtractConfig, input_path: str, tokenizer, tokenize, embe
                 meta = {"source": cfg.source, "original_size": r["original_size"],
                         "tokenizer_id": tokenizer.tokenizer_id, "input_shard": Path(input_path).name,
                         "url": r["meta"].get("url"), **cfg.extra_meta}
+                if r["caption"] is None:
+                    meta["captioned"] = False
+                    uncaptioned += 1
                 sink.write(schema.encode_record(
                     r["key"], ids[i], txt[i], r["caption"], meta,
                     image_emb=None if emb is None else emb[0][i], text_emb=None if emb is None else emb[1][i]))
                 written += 1
     os.replace(tmp, final)
-    marker = {"input": str(input_path), "output": final.name, "written": written,
+    marker = {"input": str(input_path), "output": final.name, "written": written, "uncaptioned": uncaptioned,
               "skipped": dict(sorted(skipped.items())), "input_samples": seen,
               "expected_samples": expected_samples(input_path), "lost_samples": lost, **fingerprint,
               "tokenizer_id": tokenizer.tokenizer_id, "num_classes": tokenizer.num_classes,
@@ -177,6 +182,9 @@ def write_manifest(cfg: ExtractConfig, tokenizer, inputs: list[str], embed_dim: 
                              f"{tokenizer.tokenizer_id}; extract into a fresh --out-dir")
         shards.append({"name": m["output"], "count": m["written"]})
         totals["written"] += m["written"]
+        if m.get("uncaptioned"):  # image-only records (--keep-uncaptioned), part of written
+            shards[-1]["uncaptioned"] = m["uncaptioned"]
+            totals["uncaptioned"] += m["uncaptioned"]
         for k, v in m["skipped"].items():
             totals[f"skipped_{k}"] += v
         if m.get("lost_samples"):

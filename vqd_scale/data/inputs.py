@@ -166,11 +166,13 @@ def original_size(meta: dict, decoded: tuple[int, int]) -> list[int]:
     return [w, h] if ok else list(decoded)
 
 
-def decode_sample(key: str, group: dict[str, bytes], resolution: int, center_crop: bool, min_size: int = 0) -> dict:
+def decode_sample(key: str, group: dict[str, bytes], resolution: int, center_crop: bool, min_size: int = 0,
+                  keep_uncaptioned: bool = False) -> dict:
     """Raw members → {"key", "image" uint8 [R,R,3], "caption", "original_size", "meta", "skip": None}, or a skip.
 
-    The caption is kept exactly as written (a blank one is missing); images whose original shorter
-    side is below `min_size` (tracking pixels, icons) are skipped as too small.
+    The caption is kept exactly as written (a blank one is missing: skipped, or with `keep_uncaptioned` the
+    image is kept with caption None); images whose original shorter side is below `min_size` (tracking
+    pixels, icons) are skipped as too small.
     """
     out = {"key": key, "skip": None}
     ext = next((e for e in IMAGE_EXTS if e in group), None)
@@ -180,7 +182,9 @@ def decode_sample(key: str, group: dict[str, bytes], resolution: int, center_cro
         return {**out, "skip": EMPTY_IMAGE}
     caption = group.get("txt", b"").decode("utf-8", errors="replace")
     if not caption.strip():
-        return {**out, "skip": MISSING_CAPTION}
+        if not keep_uncaptioned:
+            return {**out, "skip": MISSING_CAPTION}
+        caption = None
     try:
         meta = json.loads(group.get("json", b"{}") or b"{}")
     except ValueError:
@@ -201,9 +205,11 @@ def decode_sample(key: str, group: dict[str, bytes], resolution: int, center_cro
 class ShardSamples(torch.utils.data.IterableDataset):
     """One input shard's decoded samples; DataLoader workers share the decoding (sample i → worker i mod W)."""
 
-    def __init__(self, path: str, resolution: int, center_crop: bool, min_size: int = 0):
+    def __init__(self, path: str, resolution: int, center_crop: bool, min_size: int = 0,
+                 keep_uncaptioned: bool = False):
         super().__init__()
         self.path, self.resolution, self.center_crop, self.min_size = path, resolution, center_crop, min_size
+        self.keep_uncaptioned = keep_uncaptioned
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -216,4 +222,4 @@ class ShardSamples(torch.utils.data.IterableDataset):
                            "error": group.get("_error", b"").decode(errors="replace")}
                 continue
             if i % nw == wid:
-                yield decode_sample(key, group, self.resolution, self.center_crop, self.min_size)
+                yield decode_sample(key, group, self.resolution, self.center_crop, self.min_size, self.keep_uncaptioned)

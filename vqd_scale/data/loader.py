@@ -27,7 +27,7 @@ from vqd_scale.data.stream import MixSchedule, Position, SourceSpec, StreamSpec,
 from vqd_scale.errors import MissingInput, UserError
 
 log = logging.getLogger(__name__)
-DROPOUT_KEYS = ("text",)  # conditions whose per-sample dropout the loader draws (`drop_<key>` in a batch)
+DROPOUT_KEYS = ("text", "image")  # conditions whose per-sample dropout the loader draws (`drop_<key>` in a batch)
 STATE_VERSION = 2  # 2: stream positions count raw samples since the stream began (1: since the epoch began)
 MARKERS_CHECKED = 16  # done-markers per source compared with the manifest (evenly spaced; each is one small read)
 
@@ -62,7 +62,8 @@ class TokenLoader:
     """Per-rank loader over weighted token-shard sources; infinite iterator with exact resume state."""
 
     def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1, dropout: Optional[Mapping[str, float]] = None,
-                 timeout_s: Optional[float] = None, max_consecutive_failures: Optional[int] = None):
+                 timeout_s: Optional[float] = None, max_consecutive_failures: Optional[int] = None,
+                 captions: str = "required"):
         if not 0 <= rank < world_size:
             raise UserError(f"rank {rank} not in [0, world_size={world_size})")
         dropout = dict(dropout or {})
@@ -70,6 +71,8 @@ class TokenLoader:
         if unknown or not all(0.0 <= p < 1.0 for p in dropout.values()):
             raise UserError(f"condition dropout {dropout}: keys must be among {DROPOUT_KEYS}, each in [0, 1)")
         caption_dropout = dropout.get("text", 0.0)
+        if captions not in ("required", "optional"):
+            raise ValueError(f"captions={captions!r}: 'required' or 'optional' (a family's DataNeeds.captions)")
         if cfg.batch_size <= 0 or cfg.num_workers < 0 or cfg.epoch_samples <= 0:
             raise UserError("data.batch_size and data.epoch_samples must be > 0, data.num_workers >= 0")
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
@@ -88,6 +91,13 @@ class TokenLoader:
             sources.append(SourceSpec(sc.name, shards, counts, float(sc.weight)))
         if not sources:
             raise UserError("data.sources is empty; list at least one token-shard source")
+        if captions == "required":
+            for sc, m in zip(cfg.sources, manifests):
+                n, bare = (m.get("totals") or {}).get("written"), (m.get("totals") or {}).get("uncaptioned", 0)
+                if n and bare >= n:
+                    raise UserError(f"source {sc.name!r} holds only image-only records ({bare} uncaptioned, "
+                                    "vqd-extract --keep-uncaptioned) but this model family trains on captions; "
+                                    "drop it from data.sources (the decoder family reads it)")
         if any(s.weight <= 0 for s in sources):
             raise UserError("data.sources[].weight must be > 0")
         m0 = manifests[0]
@@ -121,7 +131,8 @@ class TokenLoader:
             block=cfg.shuffle_buffer, token_shape=self.token_shape, num_classes=self.num_classes,
             context_length=int(m0.get("context_length", 77)), embed_dim=self.embed_dim,
             with_embeddings=cfg.with_embeddings, caption_dropout=caption_dropout,
-            max_consecutive_failures=max_consecutive_failures)
+            max_consecutive_failures=max_consecutive_failures, image_dropout=dropout.get("image"),
+            captions_optional=captions == "optional")
         self._positions = [Position(0, 0, [0] * len(sources)) for _ in range(self.num_streams)]
         self._delivered = 0
         self.errors: dict[int, dict] = {}
@@ -262,6 +273,7 @@ class TokenLoader:
 
 
 def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1,
-                 dropout: Optional[Mapping[str, float]] = None) -> TokenLoader:
-    """The training engine's entry point: one loader per rank; `dropout` = the family's condition dropout."""
-    return TokenLoader(cfg, rank=rank, world_size=world_size, dropout=dropout)
+                 dropout: Optional[Mapping[str, float]] = None, captions: str = "required") -> TokenLoader:
+    """The training engine's entry point: one loader per rank; `dropout` = the family's condition dropout,
+    `captions` its DataNeeds.captions (optional: image-only records are kept, with the null text)."""
+    return TokenLoader(cfg, rank=rank, world_size=world_size, dropout=dropout, captions=captions)

@@ -19,7 +19,7 @@ from vqd_scale.errors import MissingInput, UserError
 
 FORMAT = "vqd-token-shards/1"
 IMAGE_TOKENS = "img.tok.npy"  # int16 [h, w] pruned code ids (compact ids < K)
-TEXT_TOKENS = "txt.tok.npy"  # int32 [77] CLIP BPE ids
+TEXT_TOKENS = "txt.tok.npy"  # int32 [77] CLIP BPE ids (absent in image-only records: --keep-uncaptioned)
 CAPTION = "txt"  # utf-8 caption
 IMAGE_EMB = "img.emb.npy"  # float16 [E] CLIP image embedding (optional)
 TEXT_EMB = "txt.emb.npy"  # float16 [E] CLIP text embedding (optional)
@@ -66,20 +66,22 @@ def load_npy(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
 
 
-def encode_record(key: str, image_tokens: np.ndarray, text_tokens: np.ndarray, caption: str,
+def encode_record(key: str, image_tokens: np.ndarray, text_tokens: Optional[np.ndarray], caption: Optional[str],
                   meta: dict, image_emb: Optional[np.ndarray] = None,
                   text_emb: Optional[np.ndarray] = None) -> dict[str, Any]:
-    """One sample as a WebDataset dict of member name → bytes."""
+    """One sample as a WebDataset dict of member name → bytes; an image-only record (caption None) has no
+    text members at all (txt, txt.tok.npy, txt.emb.npy), so no reader can take it for a captioned one."""
     rec: dict[str, Any] = {
         "__key__": key,
         IMAGE_TOKENS: npy_bytes(np.asarray(image_tokens, dtype=np.int16)),
-        TEXT_TOKENS: npy_bytes(np.asarray(text_tokens, dtype=np.int32)),
-        CAPTION: caption.encode("utf-8"),
         META: json.dumps(meta, sort_keys=True).encode("utf-8"),
     }
+    if caption is not None:
+        rec[TEXT_TOKENS] = npy_bytes(np.asarray(text_tokens, dtype=np.int32))
+        rec[CAPTION] = caption.encode("utf-8")
     if image_emb is not None:
         rec[IMAGE_EMB] = npy_bytes(np.asarray(image_emb, dtype=np.float16))
-    if text_emb is not None:
+    if text_emb is not None and caption is not None:
         rec[TEXT_EMB] = npy_bytes(np.asarray(text_emb, dtype=np.float16))
     return rec
 

@@ -26,7 +26,7 @@ from vqd_scale.data import schema
 
 log = logging.getLogger(__name__)
 MIX_CHUNK = 4096  # mixing draws come in fixed chunks with their own seed → O(1) random access
-_MIX, _SHARDS, _BLOCK, _DROP = 1, 2, 3, 4  # domain tags keep the RNG streams independent
+_MIX, _SHARDS, _BLOCK, _DROP, _DROP_IMAGE = 1, 2, 3, 4, 5  # domain tags keep the RNG streams independent
 
 
 @dataclass
@@ -57,6 +57,8 @@ class StreamSpec:
     with_embeddings: bool
     caption_dropout: float
     max_consecutive_failures: int = 1000
+    image_dropout: Optional[float] = None  # None: batches carry no drop_image (a family without image condition)
+    captions_optional: bool = False  # image-only records (no txt.tok.npy) kept, with captioned=False; else skipped
     warn_every_s: float = 10.0
 
 
@@ -293,10 +295,13 @@ class _Watch:
 def decode(spec: StreamSpec, raw: dict) -> tuple[Optional[dict], str]:
     """Parse and validate one raw record → (numpy fields, "") or (None, reason). Never trusts the bytes."""
     try:
-        if schema.IMAGE_TOKENS not in raw or schema.TEXT_TOKENS not in raw:
+        if schema.IMAGE_TOKENS not in raw:
             return None, "missing_member"
+        captioned = schema.TEXT_TOKENS in raw  # image-only records (vqd-extract --keep-uncaptioned) have no text
+        if not captioned and not spec.captions_optional:
+            return None, "uncaptioned"  # counted like every skip: a caption-reading family never trains on them
         img = schema.load_npy(raw[schema.IMAGE_TOKENS])
-        txt = schema.load_npy(raw[schema.TEXT_TOKENS])
+        txt = schema.load_npy(raw[schema.TEXT_TOKENS]) if captioned else np.zeros(spec.context_length, np.int32)
         if img.shape != tuple(spec.token_shape) or img.dtype.kind not in "iu":
             return None, "bad_image_tokens"
         if txt.shape != (spec.context_length,) or txt.dtype.kind not in "iu":
@@ -305,10 +310,14 @@ def decode(spec: StreamSpec, raw: dict) -> tuple[Optional[dict], str]:
         hi = int(img.view(np.uint16).max()) if img.dtype == np.int16 else int(img.max())
         if hi >= spec.num_classes or (img.dtype != np.int16 and int(img.min()) < 0):
             return None, "token_out_of_range"
-        out = {"img": img, "txt": txt, "key": raw["__key__"],
+        out = {"img": img, "txt": txt, "key": raw["__key__"], "captioned": captioned,
                "caption": raw.get(schema.CAPTION, b"").decode("utf-8", errors="replace")}
         if spec.with_embeddings:
+            if not captioned:  # no text embedding either; zeros that the null text stands in for
+                out["text_emb"] = np.zeros(spec.embed_dim, np.float16)
             for name, k in (("image_emb", schema.IMAGE_EMB), ("text_emb", schema.TEXT_EMB)):
+                if name in out:
+                    continue
                 if k not in raw:
                     return None, "missing_embedding"
                 e = schema.load_npy(raw[k])
@@ -320,8 +329,11 @@ def decode(spec: StreamSpec, raw: dict) -> tuple[Optional[dict], str]:
         return None, f"undecodable:{type(e).__name__}"
 
 
-def collate(spec: StreamSpec, items: list[dict], drop: np.ndarray) -> dict:
+def collate(spec: StreamSpec, items: list[dict], drop: np.ndarray, drop_image: Optional[np.ndarray] = None) -> dict:
     """List of decoded records → the batch dict of docs/architecture.md ("Batches")."""
+    if spec.captions_optional:  # an image without a caption trains with the null text, whatever was drawn
+        captioned = np.array([r["captioned"] for r in items])
+        drop = drop | ~captioned
     batch = {
         "image_tokens": torch.from_numpy(np.stack([r["img"] for r in items]).astype(np.int64)),  # [B,h,w]
         "text_tokens": torch.from_numpy(np.stack([r["txt"] for r in items]).astype(np.int64)),  # [B,77]
@@ -332,6 +344,10 @@ def collate(spec: StreamSpec, items: list[dict], drop: np.ndarray) -> dict:
     if spec.with_embeddings:
         batch["image_emb"] = torch.from_numpy(np.stack([r["image_emb"] for r in items]).astype(np.float32))
         batch["text_emb"] = torch.from_numpy(np.stack([r["text_emb"] for r in items]).astype(np.float32))
+    if spec.captions_optional:
+        batch["captioned"] = torch.from_numpy(captioned)
+    if drop_image is not None:
+        batch["drop_image"] = torch.from_numpy(drop_image)
     return batch
 
 
@@ -374,8 +390,10 @@ def batched(spec: StreamSpec, stream: int, epoch: int, first_batch: int, errors:
             if len(items) < spec.batch_size:
                 return
             drop = _rng(spec.seed, spec.rank, stream, epoch, _DROP, b).random(spec.batch_size) < spec.caption_dropout
+            drop_image = None if spec.image_dropout is None else (  # its own stream: independent of the text's
+                _rng(spec.seed, spec.rank, stream, epoch, _DROP_IMAGE, b).random(spec.batch_size) < spec.image_dropout)
             b += 1
-            batch = collate(spec, items, drop)
+            batch = collate(spec, items, drop, drop_image)
             batch["_pos"] = (stream, epoch, b, items[-1]["_src_pos"])
             batch["_errors"] = {k: v for k, v in errors.items() if not k.startswith("_")}
             yield batch

@@ -43,6 +43,7 @@ class SyntheticSpec:
     two_object_prob: float = 0.0
     seed: int = 0
     jpeg_quality: int = 95
+    captioned: bool = True  # False: image-only shards (no txt member), like downloads without alt text
 
 
 def _phrase(obj: dict) -> str:
@@ -118,12 +119,16 @@ def write_shards(out_dir: str | Path, spec: SyntheticSpec, shard_ids: Optional[I
                 img.save(buf, format="JPEG", quality=spec.jpeg_quality)
                 jpg = buf.getvalue()
                 key = f"{shard:05d}{i:04d}"  # img2dataset: shard digits + sample digits
-                meta = {"url": f"synthetic://{spec.seed}/{key}", "caption": caption, "key": key,
+                shown = caption if spec.captioned else None
+                meta = {"url": f"synthetic://{spec.seed}/{key}", "caption": shown, "key": key,
                         "status": "success", "error_message": None, "width": spec.resolution,
                         "height": spec.resolution, "original_width": spec.resolution,
                         "original_height": spec.resolution, "exif": "{}",
                         "sha256": hashlib.sha256(jpg).hexdigest(), "scene": scene}
-                sink.write({"__key__": key, "jpg": jpg, "txt": caption.encode(), "json": json.dumps(meta).encode()})
+                rec = {"__key__": key, "jpg": jpg, "json": json.dumps(meta).encode()}
+                if spec.captioned:
+                    rec["txt"] = caption.encode()
+                sink.write(rec)
         n = spec.samples_per_shard
         stats = {"count": n, "successes": n, "failed_to_download": 0, "failed_to_resize": 0,
                  "duration": time.time() - start, "start_time": start, "end_time": time.time(),

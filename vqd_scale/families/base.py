@@ -66,6 +66,21 @@ class Evaluator(Protocol):
     def sampler_settings(self) -> dict: ...
 
 
+# What a family's trained module turns into what (vqd-sample chains them: text → prior → decoder → image)
+TEXT_TO_TOKENS, EMBEDDING_TO_TOKENS, TEXT_TO_EMBEDDING = "text→tokens", "embedding→tokens", "text→embedding"
+
+
+class Sampler(Protocol):
+    """A family's trained module ready to generate (vqd-sample, the decoder's chain evaluation)."""
+    modes: frozenset[str]  # which of the three conversions above it does
+    text: Optional[nn.Module]  # its frozen text tower (tokenize), None when it reads no text
+
+    def tokens_from_text(self, text_tokens: torch.Tensor, sampler_cfg, generator) -> torch.Tensor: ...
+    def tokens_from_embeddings(self, image_emb: torch.Tensor, text_tokens: Optional[torch.Tensor], sampler_cfg,
+                               generator) -> torch.Tensor: ...
+    def embeddings_from_text(self, text_tokens: torch.Tensor, text_emb: torch.Tensor, generator) -> torch.Tensor: ...
+
+
 @dataclass(frozen=True)
 class Family:
     """The typed interface of one model family; see docs/architecture.md ("Model families")."""
@@ -80,4 +95,6 @@ class Family:
     evaluator: Callable[..., Evaluator]  # (cfg, run_dir, ranks, heldout) → Evaluator
     export: Optional[Callable[..., Any]] = None  # vqd-export to-diffusers; None: refused by name
     init_hint: Optional[Callable[[Any, Any], str]] = None  # (cfg, sidecar .yaml) → the settings to change
+    # (cfg, weights, device, load_text: () → the run's text tower) → Sampler; None: vqd-sample refuses it by name
+    sampler: Optional[Callable[..., Sampler]] = None
     notes: Mapping[str, str] = field(default_factory=dict)  # extra lines for `vqd-train --families`

@@ -71,8 +71,9 @@ class AdaLayerNorm(nn.Module):
         self.linear = nn.Linear(dim, 2 * dim)
         self.dim = dim
 
-    def forward(self, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.linear(F.silu(self.emb(t))).unsqueeze(1).chunk(2, dim=-1)  # [B,1,D] each
+    def forward(self, h: torch.Tensor, t: torch.Tensor, emb_add: Optional[torch.Tensor] = None) -> torch.Tensor:
+        emb = self.emb(t) if emb_add is None else self.emb(t) + emb_add  # + a global condition [B, D] (decoder)
+        scale, shift = self.linear(F.silu(emb)).unsqueeze(1).chunk(2, dim=-1)  # [B,1,D] each
         # addcmul: one fused pass instead of separate multiply and add over the [B, N, D] activations
         return torch.addcmul(shift, F.layer_norm(h, (self.dim,), eps=1e-5), 1 + scale)
 
@@ -115,10 +116,11 @@ class Block(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # [B, H, N, hd]
         return out.transpose(1, 2).flatten(2)  # [B, N, D]
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, k2: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:
-        q, k, v = (_heads(z, self.heads) for z in self.qkv(self.norm1(x, t)).chunk(3, dim=-1))
+    def forward(self, x: torch.Tensor, t: torch.Tensor, k2: torch.Tensor, v2: torch.Tensor,
+                emb_add: Optional[torch.Tensor] = None) -> torch.Tensor:
+        q, k, v = (_heads(z, self.heads) for z in self.qkv(self.norm1(x, t, emb_add)).chunk(3, dim=-1))
         x = x + self._drop(self.proj1(self._attend(q, k, v)))
-        q = _heads(self.q2(self.norm2(x, t)), self.heads)
+        q = _heads(self.q2(self.norm2(x, t, emb_add)), self.heads)
         x = x + self._drop(self.proj2(self._attend(q, k2, v2)))
         # GELU2 (diffusers' ApproximateGELU) h·σ(1.702h) = silu(1.702h)/1.702: both constants are folded
         # into the small weights, so the [B, N, r·D] activations get one fused pass instead of three.
@@ -176,8 +178,9 @@ class VQDiffusionTransformer(nn.Module):
         return self.token_emb(x_t) + pos.reshape(h * w, -1)  # row-major, matches diffusers' flattening
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, context: Optional[torch.Tensor] = None,
-                context_kv: Optional[ContextKV] = None) -> torch.Tensor:
-        """log p̃(x̃_0) as F[B, K, N]; context None (and no context_kv) = null context."""
+                context_kv: Optional[ContextKV] = None, emb_add: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """log p̃(x̃_0) as F[B, K, N]; context None (and no context_kv) = null context; emb_add [B, D] is added
+        to every AdaLN timestep embedding (a global condition, as unCLIP adds the image embedding)."""
         B = x_t.shape[0]
         self._check_inputs(x_t, t)
         if context_kv is None:
@@ -187,9 +190,9 @@ class VQDiffusionTransformer(nn.Module):
         x = self.embed(x_t)
         for block, (k, v) in zip(self.blocks, context_kv):
             if self.cfg.activation_checkpointing and self.training:
-                x = checkpoint(block, x, t, k, v, use_reentrant=False)
+                x = checkpoint(block, x, t, k, v, emb_add, use_reentrant=False)
             else:
-                x = block(x, t, k, v)
+                x = block(x, t, k, v, emb_add)
         # Logits written directly in the [B, K, N] layout the diffusion code reads (one GEMM, same cost):
         # a transposed [B, N, K] view would cost a full strided copy of the K×N output in the backward.
         h = self.norm_out(x).transpose(1, 2)  # [B, D, N]

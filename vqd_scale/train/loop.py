@@ -123,7 +123,7 @@ def _setup_and_loop(cfg: RunConfig, resume: Optional[str], init_from: Optional[s
     from vqd_scale.data.loader import build_loader
     # Condition dropout (for classifier-free guidance) is drawn by the loader so it resumes exactly.
     loader = build_loader(data_config(cfg.data, family.needs), rank=env.rank, world_size=env.world_size,
-                          dropout=family.dropout(cfg))
+                          dropout=family.dropout(cfg), captions=family.needs.captions)
     candidates = ckpt_io.resume_candidates(run_dir, resume, quiet=not env.is_main)
     # Same seed on every rank while building: a random-init frozen text tower must be identical on all
     # ranks, and ZeRO-3 partitions each rank's own initial copy (no broadcast from rank 0).

@@ -58,6 +58,11 @@ def _evaluator(cfg, run_dir, ranks, heldout):
     return PriorEvaluator(cfg, run_dir, ranks, heldout)
 
 
+def _sampler(cfg, weights, device, load_text):
+    from vqd_scale.families.prior.sample import PriorSampler
+    return PriorSampler(cfg, weights, device, load_text)
+
+
 FAMILY = Family(
     name="prior",
     summary="shifted-diffusion prior (Corgi): caption → CLIP image embedding",
@@ -68,4 +73,5 @@ FAMILY = Family(
     dropout=lambda cfg: {"text": cfg.shifted.text_dropout},
     build_task=_build_task,
     evaluator=_evaluator,
+    sampler=_sampler,
 )

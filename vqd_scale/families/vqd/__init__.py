@@ -96,6 +96,11 @@ def _export(out, state_dict, cfg, text_encoder, image_tokenizer):
     return export_pipeline(out, state_dict, cfg.model, cfg.diffusion, text_encoder, image_tokenizer)
 
 
+def _sampler(cfg, weights, device, load_text):
+    from vqd_scale.families.vqd.sample import VQDSampler
+    return VQDSampler(cfg, weights, device, load_text)
+
+
 FAMILY = Family(
     name="vqd",
     summary="VQ-Diffusion: caption → image tokens (frozen CLIP text features in cross-attention)",
@@ -106,6 +111,7 @@ FAMILY = Family(
     dropout=lambda cfg: {"text": cfg.diffusion.caption_dropout},
     build_task=_build_task,
     evaluator=_evaluator,
+    sampler=_sampler,
     export=_export,
     init_hint=init_hint,
 )

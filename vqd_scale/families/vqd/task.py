@@ -55,13 +55,18 @@ class VQDTask:
 
     def loss(self, module, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         """Σ_t-VLB estimate (nats/token, importance-weighted) + aux loss over batch × tokens, plus metrics."""
-        x0 = batch["image_tokens"].to(self.device, non_blocking=True).long().flatten(1)  # [B,h,w] → [B,N]
         with torch.no_grad():
             context = self.text(batch["text_tokens"].to(self.device, non_blocking=True))  # [B,77,width]
+        drop = batch["drop_text"].to(self.device, non_blocking=True).bool()
+        return self.discrete_loss(batch, generator, lambda x_t, t: module(x_t, t, context=context, drop_text=drop))
+
+    def discrete_loss(self, batch: dict, generator: torch.Generator, denoise) -> tuple[torch.Tensor, dict]:
+        """The mask-and-replace loss of `denoise(x_t, t) -> log p̃(x̃_0)` on the batch's image tokens (shared
+        with the decoder family, whose module differs only in its condition)."""
+        x0 = batch["image_tokens"].to(self.device, non_blocking=True).long().flatten(1)  # [B,h,w] → [B,N]
         t, weight = self.sampler.sample(x0.shape[0], self.device, generator)
         x_t = self.diffusion.q_sample(x0, t, generator)
-        drop = batch["drop_text"].to(self.device, non_blocking=True).bool()
-        log_x0 = module(x_t, t, context=context, drop_text=drop)
+        log_x0 = denoise(x_t, t)
         parts = self.diffusion.losses(log_x0.float(), x0, x_t, t)
         # weight = 1/p_t: the loss estimates the whole VLB in nats per token (the official scale)
         loss = (parts["loss"] * weight).mean()
