@@ -12,8 +12,8 @@ def test_user_errors_are_value_errors_and_missing_inputs_file_not_found():
 
 @pytest.mark.parametrize("raised,code", [(UserError("fix the thing"), 2), (ValueError("a bug"), None)])
 def test_vqd_train_exits_2_on_user_errors_only(monkeypatch, capsys, raised, code):
-    import vqd_scale.train.loop as loop
     from vqd_scale.cli.train import main
+    from vqd_scale.train import loop
 
     def run(*a, **k):
         raise raised
@@ -51,10 +51,19 @@ def test_vqd_eval_bad_config_is_one_line_but_a_bug_is_not(monkeypatch, capsys, t
     save_config(RunConfig(), run / "config.yaml")
     assert main([str(run), "--once", "optim.lr=-1"]) == 2
     assert "optim.lr" in capsys.readouterr().err
-    import vqd_scale.eval.watch as watch
+    from vqd_scale.eval import watch
 
     def boom(*a, **k):
         raise ValueError("a bug in the watcher")
     monkeypatch.setattr(watch, "run", boom)
     with pytest.raises(ValueError, match="a bug in the watcher"):
         main([str(run), "--once"])
+
+
+def test_vqd_train_lists_every_registered_family(capsys):
+    from vqd_scale.cli import train
+    from vqd_scale.families import FAMILIES
+    assert train.main(["--families"]) == 0
+    out = capsys.readouterr().out
+    for fam in FAMILIES.values():
+        assert f"{fam.name}: {fam.summary}" in out and all(v in out for v in fam.notes.values())

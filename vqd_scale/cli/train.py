@@ -11,8 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-from vqd_scale.train import signals
 from vqd_scale.errors import UserError
+from vqd_scale.train import signals
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 
@@ -25,7 +25,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", default=None, help="auto (newest complete checkpoint) | none | PATH "
                    "(default: checkpoint.resume from the config)")
     p.add_argument("--init-from", default=None, help="initial weights only: .safetensors or a checkpoint dir (EMA)")
+    p.add_argument("--families", action="store_true", help="list the model families (config `task`) and exit")
     return p.parse_args(argv)
+
+
+def list_families() -> str:
+    """One paragraph per registered family: name, summary, config sections, data needs, notes."""
+    from vqd_scale.families import FAMILIES
+    out = []
+    for fam in FAMILIES.values():
+        lines = [f"{fam.name}: {fam.summary}", f"  config sections: {', '.join(fam.sections) or '-'}",
+                 f"  needs: CLIP embeddings {'yes' if fam.needs.embeddings else 'no'}, captions {fam.needs.captions}"]
+        lines += [f"  {k}: {v}" for k, v in fam.notes.items()]
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
 
 
 def main(argv=None) -> int:
@@ -36,6 +49,9 @@ def main(argv=None) -> int:
         signals.install_early()
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
     args = parse_args(argv)
+    if args.families:
+        print(list_families())
+        return 0
     config = args.config
     overrides = list(args.overrides)
     if config is not None and "=" in config:  # `vqd-train key=value ...` without a file

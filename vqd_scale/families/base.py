@@ -97,4 +97,4 @@ class Family:
     init_hint: Optional[Callable[[Any, Any], str]] = None  # (cfg, sidecar .yaml) → the settings to change
     # (cfg, weights, device, load_text: () → the run's text tower) → Sampler; None: vqd-sample refuses it by name
     sampler: Optional[Callable[..., Sampler]] = None
-    notes: Mapping[str, str] = field(default_factory=dict)  # extra lines for `vqd-train --families`
+    notes: Mapping[str, str] = field(default_factory=dict)  # extra lines printed by `vqd-train --families`
