@@ -198,7 +198,7 @@ def test_fast_tar_reader_matches_tarfile(tmp_path, shards):
     """The header-parsing fast path returns exactly what tarfile returns; PAX tars fall back; cut tails raise."""
     import tarfile
 
-    from vqd_scale.data.stream import _members, _ustar_members, read_shard
+    from vqd_scale.data.shards import _members, _ustar_members, read_shard
 
     path = shards / "a" / "a00000.tar"
     with tarfile.open(path) as tf:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from vqd_scale.data import schema
-from vqd_scale.data.stream import read_shard
+from vqd_scale.data.shards import read_shard
 from vqd_scale.errors import MissingInput, UserError
 
 
