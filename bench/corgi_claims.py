@@ -27,10 +27,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 import demo  # noqa: E402  (tools/demo.py: the stages reused here)
+import demo_corgi  # noqa: E402  (tools/demo_corgi.py: the demo's Corgi stage, extraction / fits / training / chain)
+from demo_corgi import train  # noqa: E402
 
-SIZES = [s for s in demo.RECIPE if s.startswith(("model.", "data.batch", "optim.", "checkpoint.", "logging."))]
-PRIOR = ["prior.num_components=8", "optim.lr=1e-3", "data.batch_size=64", "checkpoint.every_steps=500",
-         "logging.every_steps=50", "shifted.sample_steps=16"]
 CAPTIONED_FRACTION = 0.1
 
 
@@ -38,17 +37,14 @@ def prepare(out: Path, per_shard: int) -> None:
     """Synthetic shards → tokenizer → tokens with tiny-CLIP embeddings (all captioned, and 10 % captioned)."""
     import webdataset as wds
 
-    py, last = sys.executable, f"{demo.SHARDS - 1:05d}"
+    py = sys.executable
     if (out / "tok_semi" / "manifest.json").exists():
         return
     demo.sh(py, "tools/make_synthetic.py", "--out", str(out / "raw"), "--shards", str(demo.SHARDS),
             "--per-shard", str(per_shard), "--resolution", str(demo.RES))
     demo.sh(py, "tools/fit_tokenizer.py", "--out", str(out / "tokenizer"), "--resolution", str(demo.RES),
             "--patch", str(demo.PATCH), "--codes", "256", "--images", "2000", "--two-object-prob", "0")
-    raw = f"{{00000..{last}}}.tar"
-    demo.sh(py, "-m", "vqd_scale.cli.extract", "--inputs", str(out / "raw" / raw), "--out-dir", str(out / "tok_all"),
-            "--tokenizer", str(out / "tokenizer"), "--resolution", str(demo.RES), "--source", "synthetic",
-            "--clip-model", "tiny", "--no-progress")
+    demo_corgi.extract_clip(out / "raw", out / "tokenizer", out / "tok_all")
     # the same images with 90 % of the captions gone (every record whose index is not a multiple of 10)
     (out / "raw_semi").mkdir(exist_ok=True)
     for s in range(demo.SHARDS):
@@ -60,19 +56,7 @@ def prepare(out: Path, per_shard: int) -> None:
                     r.pop("txt")
                 sink.write(r)
     clip = out / "tok_all" / "clip_tiny_random.pt"  # the same CLIP for both extractions
-    demo.sh(py, "-m", "vqd_scale.cli.extract", "--inputs", str(out / "raw_semi" / raw), "--out-dir",
-            str(out / "tok_semi"), "--tokenizer", str(out / "tokenizer"), "--resolution", str(demo.RES), "--source",
-            "synthetic", "--clip-model", "tiny", "--clip-pretrained", str(clip), "--keep-uncaptioned", "--no-progress")
-
-
-def train(config: str, tokens: Path, run: Path, samples: int, over: list[str]) -> None:
-    """One `vqd-train` run (resumable: a finished run is skipped)."""
-    if (run / "DONE").exists():
-        return
-    shards = f"{tokens}/{{00000..{demo.SHARDS - 1:05d}}}.tar"
-    demo.sh(sys.executable, "-m", "vqd_scale.cli.train", config, f"run_dir={run}",
-            f'data.sources=[{{name: synthetic, shards: "{shards}"}}]', f"data.manifest={tokens}/manifest.json",
-            f"max_samples={samples}", *over, "--resume", "auto", quiet=True)
+    demo_corgi.extract_clip(out / "raw_semi", out / "tokenizer", out / "tok_semi", clip, ["--keep-uncaptioned"])
 
 
 def score(out: Path, runs: Path) -> dict:
@@ -80,8 +64,6 @@ def score(out: Path, runs: Path) -> dict:
     import torch
 
     from vqd_scale.config import SamplerConfig
-    from vqd_scale.data.embed import ClipEmbedder
-    from vqd_scale.data.schema import read_manifest
     from vqd_scale.data.synthetic import attribute_accuracy
     from vqd_scale.eval.quality import sample_accuracy, synthetic_heldout, to_unit
     from vqd_scale.families import load_sampler
@@ -90,9 +72,9 @@ def score(out: Path, runs: Path) -> dict:
     tok = ImageTokenizer.load(out / "tokenizer")
     held = synthetic_heldout(demo.HELDOUT, demo.RES)
     sampler = SamplerConfig(**demo.SAMPLER)
-    clip = ClipEmbedder.from_manifest(read_manifest(out / "tok_all"), "cpu")
+    clip = demo_corgi.embedder(out / "tok_all")
     text_emb, true_emb = clip.embed_texts(held.captions), clip.embed_images(to_unit(held.images))
-    grid = lambda ids: tok.decode(ids.view(-1, demo.RES // demo.PATCH, demo.RES // demo.PATCH)).float()  # noqa: E731
+    grid = lambda ids: demo_corgi.decode(tok, ids)  # noqa: E731
     acc = lambda ids: attribute_accuracy(held.captions, grid(ids))  # noqa: E731
     rows = {"real images through the tokenizer": attribute_accuracy(held.captions, tok.decode(tok.encode(
         to_unit(held.images))))}
@@ -108,9 +90,8 @@ def score(out: Path, runs: Path) -> dict:
         rows[f"{dec} (true emb), shuffled captions (chance)"] = attribute_accuracy(shuffled, grid(ids))
         for prior in ("prior", "prior_ddpm", "prior_10pct"):
             _, p = load_sampler(runs / prior)
-            emb = p.embeddings_from_text(p.text.tokenize(held.captions), text_emb, torch.Generator().manual_seed(1))
+            ids, emb = demo_corgi.chain_tokens(p, d, held.captions, text_emb, sampler)
             cos[prior] = float(torch.nn.functional.cosine_similarity(emb, true_emb).mean())
-            ids = d.tokens_from_embeddings(emb, None, sampler, torch.Generator().manual_seed(0))
             rows[f"chain {prior} → {dec}"] = acc(ids)
     return {"accuracy": rows, "prior_cos_image": cos}
 
@@ -127,20 +108,14 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     prepare(out, a.per_shard)
-    clusters, stats = out / "clusters.safetensors", out / "embed_stats.safetensors"
-    for path, k in ((clusters, 8), (stats, 1)):  # the prior's mixture; the decoder's standardisation
-        if not path.exists():
-            demo.sh(sys.executable, "tools/fit_prior_clusters.py", "--shards",
-                    f"{out}/tok_all/{{00000..{demo.SHARDS - 1:05d}}}.tar", "--manifest",
-                    str(out / "tok_all/manifest.json"), "--k", str(k), "--out", str(path), quiet=True)
+    clusters, stats = demo_corgi.fit_embeddings(out / "tok_all", out)  # the prior's mixture; the decoder's stats
     runs, cfgs = out / "runs", REPO / "configs"
-    hw = [f"model.height={demo.RES // demo.PATCH}", f"model.width={demo.RES // demo.PATCH}"]
     train(str(cfgs / "tiny.yaml"), out / "tok_all", runs / "vqd", a.samples, demo.RECIPE)
-    dec = SIZES + hw + [f"decoder.embed_stats={stats}"]
+    dec = demo_corgi.decoder_overrides(stats)
     train(str(cfgs / "tiny_decoder.yaml"), out / "tok_all", runs / "decoder", a.samples, dec)
     train(str(cfgs / "tiny_decoder.yaml"), out / "tok_all", runs / "decoder_a25", a.samples,
           dec + ["decoder.perturb_alpha=0.25"])
-    prior = [f"shifted.clusters={clusters}", *PRIOR]
+    prior = demo_corgi.prior_overrides(clusters)
     train(str(cfgs / "tiny_prior.yaml"), out / "tok_all", runs / "prior", a.prior_samples, prior)
     train(str(cfgs / "tiny_prior.yaml"), out / "tok_all", runs / "prior_ddpm", a.prior_samples,
           prior + ["shifted.shifted=false"])

@@ -59,3 +59,19 @@ def test_default_b_config_uses_most_of_an_80gb_gpu_and_fits():
     old = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=16),
                               model=dataclasses.replace(cfg.model, activation_checkpointing=True))
     assert plan(old, 8, 1, 79.6, 989e12, 0.35).used < 0.15
+
+
+def test_decoder_plan_counts_its_own_conditioning():
+    """Language-free: 4 embedding rows and no text tower; with text: 4 + 77 rows and the tower (family hook)."""
+    from vqd_scale.train.plan import conditioning
+
+    over = ["model.num_classes=256"]
+    cfgs = [load_config(REPO / "configs" / "tiny_decoder.yaml", over + [f"decoder.with_text={w}"])
+            for w in ("false", "true")]
+    assert [conditioning(c) for c in cfgs] == [(4, False), (4 + 77, True)]
+    free, text = (plan(c, 8, 1, 79.6, 989e12, 0.35) for c in cfgs)
+    assert free.memory.text_tower == 0 < text.memory.text_tower
+    # at this size DeepSpeed's staging bucket, not the activations, sets the backward peak: no strict order there
+    assert free.memory.backward <= text.memory.backward and free.step_s < text.step_s
+    with pytest.raises(Exception, match="VQ-Diffusion transformer, not task=prior"):
+        plan(load_config(REPO / "configs" / "tiny_prior.yaml"), 8, 1, 79.6, 989e12, 0.35)

@@ -1,13 +1,14 @@
 """End-to-end CPU demo: synthetic img2dataset shards → tokenizer → vqd-extract → vqd-train → samples + metric.
 
-    python tools/demo.py [--out runs/demo] [--max-samples 80000]
+    python tools/demo.py [--out runs/demo] [--max-samples 80000] [--corgi]
 
 Every stage is the real command a user runs at scale (same CLIs, same files); only sizes are tiny.
 Prints the sample-grid path (each sample with its caption and the held-out real image beside it) and
 the attribute accuracy of the samples (the synthetic attribute classifier on decoded images vs their
 captions), next to the same classifier on shuffled caption/image pairs (chance) and on the held-out
 real images through the tokenizer (the ceiling the tokenizer allows). `bench/quality.py` reuses the
-stages below to compare training settings at this size.
+stages below to compare training settings at this size. `--corgi` adds a second stage (tools/demo_corgi.py):
+text → shifted prior → CLIP image embedding → language-free decoder, scored beside the text-conditioned model.
 """
 from __future__ import annotations
 
@@ -101,6 +102,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/demo")
     ap.add_argument("--max-samples", type=int, default=80000, help="training samples (the main time knob)")
     ap.add_argument("--per-shard", type=int, default=512)
+    ap.add_argument("--corgi", action="store_true", help="then the Corgi chain stage (tools/demo_corgi.py)")
+    ap.add_argument("--corgi-samples", type=int, default=40000, help="language-free decoder training samples")
+    ap.add_argument("--corgi-prior-samples", type=int, default=20000, help="shifted prior training samples")
     a = ap.parse_args(argv)
     quiet_env()
     out = (REPO / a.out).resolve() if not Path(a.out).is_absolute() else Path(a.out)
@@ -132,6 +136,12 @@ def main(argv=None) -> int:
               f" | real images through the tokenizer {ceiling[k]:.2f}")
     print(f"attribute accuracy (all attributes right): {res['samples']['all']:.2f} vs chance "
           f"{res['chance']['all']:.2f} (ceiling {ceiling['all']:.2f}); demo wall time {wall:.0f}s")
+    if a.corgi:
+        import demo_corgi  # tools/, beside this file (sys.path[0] when run as a script)
+
+        print()
+        demo_corgi.run(out, res["samples"], t0, a.corgi_samples, a.corgi_prior_samples)
+        print(f"demo wall time with the Corgi stage {time.time() - t0:.0f}s")
     return 0
 
 

@@ -84,3 +84,29 @@ def test_torch_extensions_dir_is_the_same_for_sbatch_and_submitit():
     text = (REPO / "slurm" / "common.sh").read_text()
     assert TORCH_EXTENSIONS_DIR.startswith("~/")
     assert f'TORCH_EXTENSIONS_DIR="${{TORCH_EXTENSIONS_DIR:-$HOME/{TORCH_EXTENSIONS_DIR[2:]}}}"' in text
+
+
+def test_corgi_script_submits_prior_decoder_and_chain_watcher(tmp_path):
+    """slurm/train_corgi.sh: three sbatch calls with the job parameters, the watcher after the prior; a bad
+    override stops it before anything is queued."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "sbatch.log"
+    bin_dir.mkdir()
+    fake = bin_dir / "sbatch"  # records its environment's job parameters and arguments, answers a job id
+    fake.write_text(f'#!/bin/bash\necho "CONFIG=$CONFIG RUN_DIR=$RUN_DIR EVAL_ARGS=$EVAL_ARGS ARGS=$*" >> {log}\n'
+                    f'echo $(( $(wc -l < {log}) + 100 ))\n')
+    fake.chmod(0o755)
+    path = f"{bin_dir}:{os.environ['PATH']}"
+    r = _script("train_corgi.sh", tmp_path, PATH=path, DECODER_RUN=str(tmp_path / "dec"), DECODER_SBATCH="--nodes=2")
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    prior, dec, ev = log.read_text().splitlines()
+    assert prior.startswith("CONFIG=configs/cc15m_prior.yaml RUN_DIR=runs/cc15m_prior ")
+    assert prior.endswith("slurm/train_cc15m_prior.sh")
+    assert dec.startswith(f"CONFIG=configs/laion_decoder.yaml RUN_DIR={tmp_path / 'dec'} ")
+    assert dec.endswith("--job-name=vqd-laion-decoder --nodes=2 slurm/train_laion.sh")
+    assert f"RUN_DIR={tmp_path / 'dec'} EVAL_ARGS=--wait-for-run 86400 eval.prior_run=runs/cc15m_prior" in ev
+    assert "--dependency=after:101 --begin=now+2hours slurm/eval.sh" in ev
+    assert "prior job 101" in r.stdout and "decoder job 102" in r.stdout and "watcher 103" in r.stdout
+    log.unlink()
+    r = _script("train_corgi.sh", tmp_path, PATH=path, PRIOR_OVERRIDES="optim.lr=-1")
+    assert r.returncode == 2 and r.stderr.strip().startswith("ERROR: ") and "optim.lr" in r.stderr, r.stderr
+    assert not log.exists()  # nothing queued

@@ -98,3 +98,6 @@ class Family:
     # (cfg, weights, device, load_text: () → the run's text tower) → Sampler; None: vqd-sample refuses it by name
     sampler: Optional[Callable[..., Sampler]] = None
     notes: Mapping[str, str] = field(default_factory=dict)  # extra lines printed by `vqd-train --families`
+    # cfg → (cross-attention context length, whether the frozen text tower runs), for the capacity planner
+    # (train/plan.py); None: model.context_len text tokens from the text tower, as task vqd
+    plan_context: Optional[Callable[[Any], tuple[int, bool]]] = None

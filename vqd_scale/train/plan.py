@@ -165,11 +165,20 @@ class Memory:
         return self.allocated + self.ema
 
 
+def conditioning(cfg: RunConfig) -> tuple[int, bool]:
+    """(context length the cross-attention sees, whether the text tower runs) of cfg's family.
+
+    A decoder's few embedding-projection parameters (≈3M at B with 768-d embeddings) are not counted."""
+    from vqd_scale import families
+    fam = families.get(cfg.task)
+    if fam.sections.get("model") is not TransformerConfig:
+        raise UserError(f"the planner covers families whose model is the VQ-Diffusion transformer, not task={cfg.task}")
+    return fam.plan_context(cfg) if fam.plan_context else (cfg.model.context_len, True)
+
+
 def memory_per_rank(cfg: RunConfig, world: int, precision: str, device_type: str = "cuda") -> Memory:
     """Peak bytes per rank of a training step of `cfg` on `world` data-parallel ranks."""
-    from vqd_scale import families
-    if families.get(cfg.task).sections.get("model") is not TransformerConfig:
-        raise UserError(f"the planner covers families whose model is the VQ-Diffusion transformer, not task={cfg.task}")
+    context_len, reads_text = conditioning(cfg)
     ds, N = cfg.deepspeed, world
     numels = param_numels(cfg.model)
     psi = sum(numels)
@@ -192,7 +201,8 @@ def memory_per_rank(cfg: RunConfig, world: int, precision: str, device_type: str
     # Stage 0 (and stage 1 without overlap_comm) hold every gradient whole until the boundary: they are
     # part of the traced step. Stages 1-2 with buckets fill a partition while the activations are freed.
     full_grads = stage == 0 or (stage == 1 and not overlap)
-    backward = step_bytes(cfg.model, cfg.data.batch_size, precision, full_grads)
+    backward = step_bytes(dataclasses.replace(cfg.model, context_len=context_len), cfg.data.batch_size, precision,
+                          full_grads)
     if stage in (1, 2):
         # DeepSpeed allocates its gradient staging bucket(s) (model dtype; two with overlap_comm) when the
         # backward starts and converts each filled bucket to the communication dtype; the activation peak
@@ -205,7 +215,7 @@ def memory_per_rank(cfg: RunConfig, world: int, precision: str, device_type: str
         step = (b * psi if low else 0) + 4 * psi + 4 * psi
     else:
         step = (b + 4 + 4) * psi / N + b * bucket
-    text = 4 * text_tower_params(cfg.text.model, cfg.text.tiny_width, cfg.text.tiny_layers)
+    text = 4 * text_tower_params(cfg.text.model, cfg.text.tiny_width, cfg.text.tiny_layers) if reads_text else 0
     return Memory(weights, optimizer, gradients, buffers, text, backward, step, ema=4 * psi)
 
 
@@ -254,9 +264,11 @@ def plan(cfg: RunConfig, gpus_per_node: int, nodes: int, gpu_gib: float, peak_fl
     mem = memory_per_rank(cfg, world, precision, "cuda")
     rank0 = mem.rank0
     m, s = cfg.model, resolve_size(cfg.model)
+    context_len, reads_text = conditioning(cfg)
     text_w, text_layers, _, _ = text_dims(cfg.text.model, cfg.text.tiny_width, cfg.text.tiny_layers)
-    flops = vqd_flops(s.layers, s.dim, s.mlp_ratio, m.height * m.width, m.context_len, m.context_dim, m.num_classes,
-                      m.activation_checkpointing, text_tower_flops(text_w, text_layers, m.context_len))
+    text_fwd = text_tower_flops(text_w, text_layers, m.context_len) if reads_text else 0.0
+    flops = vqd_flops(s.layers, s.dim, s.mlp_ratio, m.height * m.width, context_len, m.context_dim, m.num_classes,
+                      m.activation_checkpointing, text_fwd)
     global_batch = cfg.data.batch_size * cfg.deepspeed.grad_accum * world
     step_s = flops.hardware * global_batch / (world * peak_flops * util)
     days = step_s * cfg.max_samples / global_batch / 86400

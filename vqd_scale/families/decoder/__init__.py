@@ -70,6 +70,8 @@ FAMILY = Family(
     build_task=_build_task,
     evaluator=_evaluator,
     sampler=_sampler,
+    plan_context=lambda cfg: (cfg.decoder.image_tokens + (cfg.model.context_len if cfg.decoder.with_text else 0),
+                              cfg.decoder.with_text),
     notes={"data": "image-only records train too (null text); the prior of the chain is a `task: prior` run",
            "sample": "vqd-sample --prior RUN --decoder RUN --prompt ... | --decoder RUN --image PATH"},
 )
