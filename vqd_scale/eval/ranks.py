@@ -11,6 +11,7 @@ from typing import Any, Callable
 import torch
 
 from vqd_scale import distributed as D
+from vqd_scale.errors import UserError
 
 
 @dataclasses.dataclass
@@ -30,6 +31,13 @@ class Ranks:
         Sampling noise is seeded per global chunk, so results do not depend on the number of ranks.
         """
         return [(k, c) for k, c in enumerate(split_chunks(list(range(n)), size)) if k % self.world == self.rank]
+
+    def require_a_chunk_each(self, n: int, size: int, what: str = "eval.num_samples") -> None:
+        """Refuse a split that leaves a rank without a chunk (it would have no rows to gather)."""
+        n_chunks = len(split_chunks(list(range(n)), size))
+        if n_chunks < self.world:
+            raise UserError(f"{what}={n} in batches of eval.sampler.batch_size={size} gives {n_chunks} batches "
+                            f"for {self.world} ranks; lower the batch size or the number of ranks")
 
     def gather_rows(self, x: torch.Tensor, n: int, size: int) -> torch.Tensor:
         """Rows of this rank's `chunks(n, size)` from every rank → all n rows in global order, on every rank."""

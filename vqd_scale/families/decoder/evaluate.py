@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from vqd_scale.errors import UserError
 from vqd_scale.eval.heldout import HeldOut
-from vqd_scale.eval.ranks import Ranks, split_chunks
+from vqd_scale.eval.ranks import Ranks
 from vqd_scale.families.base import TEXT_TO_EMBEDDING, Grid
 from vqd_scale.families.prior.evaluate import check_heldout_embeddings
 from vqd_scale.families.vqd.evaluate import ImageMetrics, heldout_grid, load_image_tokenizer, sample_generator
@@ -49,11 +49,7 @@ class DecoderEvaluator:
         self.autocast = torch.bfloat16 if ranks.device.type == "cuda" else None
         check_heldout_embeddings(cfg, heldout, cfg.decoder.embed_dim, "decoder.embed_dim")
         self.tokenizer = load_image_tokenizer(cfg, heldout, ranks.device)
-        bs = cfg.eval.sampler.batch_size
-        n_chunks = len(split_chunks(list(range(len(heldout))), bs))
-        if n_chunks < ranks.world:  # a rank without a chunk would have no rows to gather
-            raise UserError(f"eval.num_samples={len(heldout)} in batches of eval.sampler.batch_size={bs} gives "
-                            f"{n_chunks} batches for {ranks.world} ranks; lower the batch size or the number of ranks")
+        ranks.require_a_chunk_each(len(heldout), cfg.eval.sampler.batch_size)
         self.images = ImageMetrics(cfg, run_dir, ranks, heldout, self.tokenizer)
         self.notes = dict(self.images.notes)
         self.prior = self.chain = None

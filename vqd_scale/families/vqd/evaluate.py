@@ -14,7 +14,7 @@ from vqd_scale.data.schema import read_manifest
 from vqd_scale.errors import UserError
 from vqd_scale.eval import metrics as M
 from vqd_scale.eval.heldout import HeldOut
-from vqd_scale.eval.ranks import Ranks, split_chunks
+from vqd_scale.eval.ranks import Ranks
 from vqd_scale.families.base import Grid
 from vqd_scale.rundir import EVAL_DIR
 
@@ -140,11 +140,7 @@ class VQDEvaluator:
         # bf16 autocast for the transformer on GPU (as training's precision=auto); exact fp32 on CPU
         self.autocast = torch.bfloat16 if ranks.device.type == "cuda" else None
         self.tokenizer = load_image_tokenizer(cfg, heldout, ranks.device)
-        bs = cfg.eval.sampler.batch_size
-        n_chunks = len(split_chunks(list(range(len(heldout))), bs))
-        if n_chunks < ranks.world:  # a rank without a chunk would have no rows to gather
-            raise UserError(f"eval.num_samples={len(heldout)} in batches of eval.sampler.batch_size={bs} gives "
-                            f"{n_chunks} batches for {ranks.world} ranks; lower the batch size or the number of ranks")
+        ranks.require_a_chunk_each(len(heldout), cfg.eval.sampler.batch_size)
         self.images = ImageMetrics(cfg, run_dir, ranks, heldout, self.tokenizer)
         self.notes = self.images.notes
 
