@@ -10,9 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from token_shards import make_token_shards
 
 from vqd_scale.train import checkpoint as C
 from vqd_scale.train.metrics import read_metrics
@@ -26,20 +26,7 @@ BATCH = 8
 @pytest.fixture(scope="session")
 def tokens(tmp_path_factory):
     """Real token shards: synthetic img2dataset tars → k-means tokenizer → vqd-extract (in-process)."""
-    from vqd_scale.cli.extract import main as extract
-    from vqd_scale.data.synthetic import SyntheticSpec, make_sample, write_shards
-    from vqd_scale.models.vqvae import KMeansTokenizer
-
-    root = tmp_path_factory.mktemp("train_data")
-    spec = SyntheticSpec(num_shards=2, samples_per_shard=64, resolution=32, seed=0)
-    write_shards(root / "raw", spec)
-    torch.manual_seed(0)
-    imgs = np.stack([np.array(make_sample(spec, 99, i)[0]) for i in range(64)])  # [64,32,32,3] uint8
-    imgs = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1  # [64,3,32,32] in [-1,1]
-    KMeansTokenizer.fit(imgs, patch=8, num_codes=32, seed=0).save(root / "tok")  # 4×4 tokens
-    assert extract(["--inputs", str(root / "raw" / "{00000..00001}.tar"), "--out-dir", str(root / "tok_shards"),
-                    "--tokenizer", str(root / "tok"), "--resolution", "32", "--no-progress"]) in (0, None)
-    return root / "tok_shards"
+    return make_token_shards(tmp_path_factory.mktemp("train_data"), num_shards=2, per_shard=64)
 
 
 def _port() -> int:
@@ -262,8 +249,8 @@ def test_auto_resume_sets_aside_every_newer_damaged_checkpoint(zero2_run, tmp_pa
     counted by keep_last and warned about on every resume), and `latest` names the one resumed from."""
     from types import SimpleNamespace
 
-    from vqd_scale.train import run_dir as R
     from vqd_scale.distributed import DistEnv
+    from vqd_scale.train import run_dir as R
     run = tmp_path / "run"
     shutil.copytree(zero2_run, run)
     new = run / "checkpoints" / "step_00000012"

@@ -8,9 +8,8 @@ import textwrap
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
+from token_shards import make_token_shards
 
 from vqd_scale.train import checkpoint as C
 from vqd_scale.train.metrics import read_metrics
@@ -23,20 +22,7 @@ BATCH = 8
 @pytest.fixture(scope="module")
 def tokens(tmp_path_factory):
     """One real token shard: synthetic img2dataset tar → k-means tokenizer → vqd-extract (in-process)."""
-    from vqd_scale.cli.extract import main as extract
-    from vqd_scale.data.synthetic import SyntheticSpec, make_sample, write_shards
-    from vqd_scale.models.vqvae import KMeansTokenizer
-
-    root = tmp_path_factory.mktemp("signal_data")
-    spec = SyntheticSpec(num_shards=1, samples_per_shard=32, resolution=32, seed=0)
-    write_shards(root / "raw", spec)
-    torch.manual_seed(0)
-    imgs = np.stack([np.array(make_sample(spec, 99, i)[0]) for i in range(32)])  # [32,32,32,3] uint8
-    imgs = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1  # [32,3,32,32] in [-1,1]
-    KMeansTokenizer.fit(imgs, patch=8, num_codes=32, seed=0).save(root / "tok")  # 4×4 tokens
-    assert extract(["--inputs", str(root / "raw" / "00000.tar"), "--out-dir", str(root / "shards"),
-                    "--tokenizer", str(root / "tok"), "--resolution", "32", "--no-progress"]) in (0, None)
-    return root / "shards"
+    return make_token_shards(tmp_path_factory.mktemp("signal_data"), num_shards=1, per_shard=32)
 
 
 def _torch_loaded(pid: int) -> bool:
