@@ -24,6 +24,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from train_step import live_tensor_bytes  # noqa: E402  (bench/ is on sys.path: the same measurement)
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 MiB = 2**20
 
@@ -42,21 +43,6 @@ def run_config(size: str, layers, dim, heads, side: int, classes: int, batch: in
                                                              bucket_elements=bucket, grad_accum=accum))
     cfg.data.batch_size = batch
     return validate(cfg)
-
-
-def live_tensor_bytes() -> int:
-    """Bytes of all distinct tensor storages reachable by the garbage collector."""
-    seen, total = set(), 0
-    for obj in gc.get_objects():
-        try:
-            if isinstance(obj, torch.Tensor) and not obj.is_meta:
-                st = obj.untyped_storage()
-                if st.data_ptr() not in seen and st.data_ptr() != 0:
-                    seen.add(st.data_ptr())
-                    total += st.nbytes()
-        except Exception:  # noqa: BLE001 (some tensor subclasses refuse storage access)
-            continue
-    return total
 
 
 def cpu_alloc_peak(fn) -> int:
