@@ -11,6 +11,8 @@ from typing import Any, Callable, Mapping, Optional, Protocol
 import torch
 from torch import nn
 
+from vqd_scale.errors import UserError
+
 CAPTIONS = ("required", "optional")
 
 
@@ -101,3 +103,13 @@ class Family:
     # cfg → (cross-attention context length, whether the frozen text tower runs), for the capacity planner
     # (train/plan.py); None: model.context_len text tokens from the text tower, as task vqd
     plan_context: Optional[Callable[[Any], tuple[int, bool]]] = None
+
+
+def batch_image_emb(batch: dict, device: torch.device, dim: int, who: str, dim_key: str, fix: str) -> torch.Tensor:
+    """The batch's CLIP image embeddings F[B, dim] in fp32 on `device`; a missing or mis-sized one is refused."""
+    if batch.get("image_emb") is None:
+        raise UserError(f"the {who} trains on CLIP image embeddings but the batch has no image_emb; {fix}")
+    emb = batch["image_emb"].to(device, non_blocking=True).float()
+    if emb.shape[1] != dim:
+        raise UserError(f"image embeddings are {emb.shape[1]}-d but {dim_key}={dim}")
+    return emb

@@ -8,6 +8,7 @@ import torch
 from vqd_scale.config import DecoderConfig, DiscreteDiffusionConfig, TextEncoderConfig, TransformerConfig
 from vqd_scale.diffusion.discrete import ImportanceSampler, MaskAndReplace
 from vqd_scale.errors import UserError
+from vqd_scale.families.base import batch_image_emb
 from vqd_scale.families.vqd.task import VQDTask
 from vqd_scale.models.decoder import ImageConditionedTransformer, perturb
 from vqd_scale.models.flops import frozen_text_flops, vqd_flops
@@ -56,12 +57,8 @@ class DecoderTask(VQDTask):
 
     def loss(self, module, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         """VLB + aux of the tokens given the (perturbed, per-sample dropped) embedding and caption."""
-        if batch.get("image_emb") is None:
-            raise UserError("the decoder trains on CLIP image embeddings but the batch has no image_emb; "
-                            "extract the shards with --clip-model (img.emb.npy)")
-        emb = batch["image_emb"].to(self.device, non_blocking=True).float()
-        if emb.shape[1] != self.dcfg.embed_dim:
-            raise UserError(f"image embeddings are {emb.shape[1]}-d but decoder.embed_dim={self.dcfg.embed_dim}")
+        emb = batch_image_emb(batch, self.device, self.dcfg.embed_dim, "decoder", "decoder.embed_dim",
+                              "extract the shards with --clip-model (img.emb.npy)")
         emb = perturb(emb, self.dcfg.perturb_alpha, generator)
         B = emb.shape[0]
         # the loader draws both dropouts (exact resume); a batch without them (a hand-made one) drops nothing

@@ -17,6 +17,7 @@ from vqd_scale.config import PriorConfig, ShiftedDiffusionConfig, TextEncoderCon
 from vqd_scale.data.clusters import load_clusters
 from vqd_scale.diffusion.shifted import ShiftedGaussianDiffusion
 from vqd_scale.errors import UserError
+from vqd_scale.families.base import batch_image_emb
 from vqd_scale.models.flops import frozen_text_flops, prior_flops
 from vqd_scale.models.prior import PriorModel, resolve_prior_size
 
@@ -98,12 +99,8 @@ class PriorTask:
 
     def loss(self, module, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         """Mean P2-weighted z_0 MSE (+ mixture losses) over the batch, plus metrics."""
-        if batch.get("image_emb") is None:
-            raise UserError("the prior trains on CLIP image embeddings but the batch has no image_emb; "
+        z0 = batch_image_emb(batch, self.device, self.cfg.embed_dim, "prior", "prior.embed_dim",
                              "set data.with_embeddings=true and extract the shards with --clip-model")
-        z0 = batch["image_emb"].to(self.device, non_blocking=True).float()
-        if z0.shape[1] != self.cfg.embed_dim:
-            raise UserError(f"image embeddings are {z0.shape[1]}-d but prior.embed_dim={self.cfg.embed_dim}")
         context, text_emb = self.text_inputs(batch)
         B = z0.shape[0]
         t = self.diffusion.sample_t(B, self.device, generator)
